@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (once) and update (when dev/requirements-test.txt changes) the virtual environment the tests and the CLI
+# run in. Idempotent and fast when nothing changed. Prints the venv's python path on its last line.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${LORAKIT_VENV:-$HOME/.cache/lorakit/venv}"
+stamp="$venv/.lorakit-requirements.sha256"
+want="$(sha256sum "$root/dev/requirements-test.txt" | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    # torch alone first: the CPU wheel; then everything else with torch pinned so nothing swaps it for a CUDA build.
+    "$venv/bin/python" -m pip install -q "torch==2.13.0" >&2
+    "$venv/bin/python" -m pip install -q -r "$root/dev/requirements-test.txt" >&2
+    # The real `ldm` package the WebUI uses for SD1/SD2 (its own pins are years old, so no dependencies).
+    "$venv/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit >&2
+    echo "$want" > "$stamp"
+fi
+echo "$venv/bin/python"

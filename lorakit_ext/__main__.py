@@ -1,0 +1,3 @@
+from lorakit_ext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""``python -m lorakit_ext <verb>``: the command line over the same core the WebUI tabs and HTTP routes use.
+
+Each verb lives beside the code it drives, in a module with ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only routes, and imports a verb's module only when that verb runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorakit_ext.errors import LorakitError
+
+# verb -> (module, one-line help). The verbs are public interface: keep them stable.
+VERBS: dict[str, tuple[str, str]] = {
+    "info": ("lorakit_ext.formats.info", "print what a network file holds, as JSON"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser_for(argv)
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(args._module).run(args)
+    except LorakitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser with the arguments of the verb named in ``argv`` (the only one whose module gets imported)."""
+    parser = argparse.ArgumentParser(prog="python -m lorakit_ext", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module_name, help_text) in VERBS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        if argv and argv[0] == verb:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser

@@ -1,0 +1,1 @@
+"""Reading and writing network files in the kohya safetensors format."""

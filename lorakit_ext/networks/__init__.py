@@ -1,0 +1,1 @@
+"""Network weight math (pure functions) and the trainable modules built on it."""

@@ -1,0 +1,1 @@
+"""The toy world: a tiny SD1-architecture model trained on synthetic shapes, shipped with the project."""

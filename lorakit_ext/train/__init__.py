@@ -1,0 +1,1 @@
+"""The training engine: datasets, the training loop, background jobs."""
