@@ -15,6 +15,17 @@ from lorakit_ext.errors import LorakitError
 # verb -> (module, one-line help). The verbs are public interface: keep them stable.
 VERBS: dict[str, tuple[str, str]] = {
     "info": ("lorakit_ext.formats.info", "print what a network file holds, as JSON"),
+    "train": ("lorakit_ext.train.cli", "train a LoRA / LoCon / LoHa from a kohya-style dataset folder"),
+    "copier": ("lorakit_ext.slider.cli_copier", "slider LoRA by the copier method (A applied, B trained on top)"),
+    "difference": ("lorakit_ext.slider.cli_difference", "slider LoRA by the difference method (B x 1 + A x -1)"),
+    "slider": ("lorakit_ext.slider.cli_paired", "slider LoRA trained on image pairs at +w / -w"),
+    "merge": ("lorakit_ext.merge.cli_merge", "merge LoRAs with ratios, exactly or re-compressed"),
+    "merge-into": ("lorakit_ext.merge.cli_merge_into", "merge LoRAs into a checkpoint"),
+    "extract": ("lorakit_ext.merge.cli_extract", "extract a LoRA from a tuned checkpoint minus its base"),
+    "resize": ("lorakit_ext.merge.cli_resize", "re-compress a LoRA to a new (or dynamic) rank"),
+    "demo": ("lorakit_ext.toy.demo", "run the built-in demo on the toy model"),
+    "toy": ("lorakit_ext.toy.cli", "the toy model: export it for the WebUI"),
+    "ui": ("lorakit_ext.webui.standalone", "serve the three tabs on 127.0.0.1 outside the WebUI"),
 }
 
 
