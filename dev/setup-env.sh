@@ -16,6 +16,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/python" -m pip install -q -r "$root/dev/requirements-test.txt" >&2
     # The real `ldm` package the WebUI uses for SD1/SD2 (its own pins are years old, so no dependencies).
     "$venv/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit >&2
+    # open_clip (ldm's SD2/SDXL text encoders) without its torchvision/timm pins.
+    "$venv/bin/python" -m pip install -q --no-deps open_clip_torch==3.3.0 >&2
+    # pytorch-lightning 1.9 (the WebUI's pin, which ldm's imports need) wants pkg_resources: setuptools after torch.
+    "$venv/bin/python" -m pip install -q "setuptools==69.5.1" >&2
+    # ldm imports torchvision.utils; PyPI's torchvision (no deps: it would pull a CUDA torch) needs a CPU shim.
+    "$venv/bin/python" -m pip install -q --no-deps "torchvision==0.28.0" >&2
+    site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    cp "$root/dev/torchvision_cpu_shim.py" "$site/_lorakit_torchvision_cpu_shim.py"
+    echo "import _lorakit_torchvision_cpu_shim" > "$site/_lorakit_torchvision_cpu_shim.pth"
     echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
