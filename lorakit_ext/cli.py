@@ -25,7 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "resize": ("lorakit_ext.merge.cli_resize", "re-compress a LoRA to a new (or dynamic) rank"),
     "demo": ("lorakit_ext.toy.demo", "run the built-in demo on the toy model"),
     "toy": ("lorakit_ext.toy.cli", "the toy model: export it for the WebUI"),
-    "ui": ("lorakit_ext.webui.standalone", "serve the three tabs on 127.0.0.1 outside the WebUI"),
+    "ui": ("lorakit_ext.ui.standalone", "serve the three tabs on 127.0.0.1 outside the WebUI"),
 }
 
 
