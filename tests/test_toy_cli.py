@@ -1,0 +1,50 @@
+"""``toy export`` writes what the WebUI loads (weights + yaml that builds without a download); ``demo`` writes the
+prompt x seed grid the README points to."""
+
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image
+
+from lorakit_ext.cli import main
+from lorakit_ext.toy import demo
+from lorakit_ext.toy.model import CHECKPOINT_NAME, CHECKPOINT_PATH, TEXT_DIR, load_checkpoint
+
+
+def test_export_writes_checkpoint_and_yaml_that_build_the_model(tmp_path, capsys):
+    target_dir = tmp_path / "models" / "Stable-diffusion"
+    assert main(["toy", "export", "--to", str(target_dir)]) == 0
+    checkpoint = target_dir / CHECKPOINT_NAME
+    assert str(checkpoint) in capsys.readouterr().out
+    assert checkpoint.read_bytes() == CHECKPOINT_PATH.read_bytes()
+    config = OmegaConf.load(checkpoint.with_suffix(".yaml"))
+    assert config.model.params.cond_stage_config.params.version == str(TEXT_DIR)
+    model = load_checkpoint(checkpoint, OmegaConf.to_container(config))  # as the WebUI does: yaml, then weights
+    assert model.scale_factor == config.model.params.scale_factor
+    assert sorted(p.name for p in target_dir.iterdir()) == [CHECKPOINT_NAME, "toy_sd1.yaml"]  # no temp files left
+
+
+def test_export_onto_a_file_is_a_one_line_error(tmp_path, capsys):
+    occupied = tmp_path / "file"
+    occupied.write_text("x")
+    assert main(["toy", "export", "--to", str(occupied)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --to") and "\n" not in err
+
+
+def test_demo_writes_the_default_grid(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    grid_path = tmp_path / demo.GRID_NAME
+    assert str(grid_path) in capsys.readouterr().out
+    grid = np.asarray(Image.open(grid_path).convert("RGB"))
+    cell = 2 * 64
+    assert grid.shape[0] == len(demo.PROMPTS) * cell and grid.shape[1] > demo.SEEDS * cell
+    first_image = grid[:cell, -demo.SEEDS * cell :][:, :cell]
+    assert first_image.std() > 20  # a picture, not a flat field
+
+
+def test_demo_takes_prompts_and_seeds(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--prompt", "a red circle", "--seeds", "2", "--steps", "4"]) == 0
+    assert Image.open(tmp_path / demo.GRID_NAME).size[1] == 2 * 64
+    assert main(["demo", "--out", str(tmp_path), "--seeds", "0"]) == 2
