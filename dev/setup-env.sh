@@ -27,4 +27,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "import _lorakit_torchvision_cpu_shim" > "$site/_lorakit_torchvision_cpu_shim.pth"
     echo "$want" > "$stamp"
 fi
+# Browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq chromium) >&2
+fi
 echo "$venv/bin/python"
