@@ -1,0 +1,62 @@
+"""``python -m lorakit_ext train``: TOML + flag overrides, --dry-run's plan, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from lorakit_ext.cli import main
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    for concept, count in (("3_red", 2), ("1_blue", 1)):
+        folder = tmp_path / "data" / concept
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (64, 64), concept.split("_")[1]).save(folder / f"{index}.png")
+            (folder / f"{index}.txt").write_text(f"a {concept.split('_')[1]} square")
+    return tmp_path / "data"
+
+
+def test_dry_run_prints_the_resolved_plan(tmp_path, dataset, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[dataset_arguments]\ntrain_data_dir = "{dataset}"\nresolution = 64\n'
+        "[training_arguments]\nmax_train_epochs = 4\ntrain_batch_size = 2\n"
+    )
+    code = main(["train", "--config", str(config), "--dry-run", "--network_dim", "8", "--network_algo", "locon",
+                 "--conv_dim", "4", "--gradient_accumulation_steps", "1", "--flip_aug"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    plan = json.loads(out)
+    assert plan["dataset"]["images_with_repeats"] == 7
+    assert plan["max_train_steps"] == plan["epochs"] * plan["steps_per_epoch"] and plan["epochs"] == 4
+    assert plan["modules"]["unet"] > 0 and plan["modules"].get("te", 0) > 0
+    assert plan["parameters"] > 0 and plan["network_bytes"] == plan["parameters"] * 2
+
+
+def test_bad_options_fail_with_one_line(tmp_path, dataset, capsys):
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--lr_scheduler", "cosine_warm", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: lr_scheduler must be one of") and err.count("\n") == 1
+    code = main(["train", "--train_data_dir", str(dataset), "--network_dim", "x", "--dry-run"])
+    assert code == 2 and "network_dim = 'x' is not a valid int" in capsys.readouterr().err
+    code = main(["train", "--config", str(tmp_path / "missing.toml")])
+    assert code == 2 and "missing.toml: cannot read" in capsys.readouterr().err
+
+
+def test_model_flag_loads_an_ldm_checkpoint_with_its_yaml(tmp_path, dataset, capsys):
+    from lorakit_ext.toy.export import export_checkpoint
+
+    checkpoint = export_checkpoint(tmp_path / "models")
+    base = ["train", "--train_data_dir", str(dataset), "--resolution", "64", "--dry-run"]
+    assert main(base + ["--model", str(checkpoint)]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(base) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    checkpoint.with_suffix(".yaml").unlink()
+    assert main(base + ["--model", str(checkpoint)]) == 2
+    assert "toy_sd1.yaml must sit beside the checkpoint" in capsys.readouterr().err
