@@ -1,0 +1,135 @@
+"""The merge verbs end to end on small files: JSON summary on stdout, files that load, one-line errors, no debris."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from lorakit_ext.cli import main
+from lorakit_ext.formats.kohya import load_network, save_network
+from tests.test_merge_checkpoint import ATTN, CONV, TEXT, TOY, lora_for, target_table
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return target_table(safetensors.torch.load_file(TOY), TOY)
+
+
+@pytest.fixture()
+def two_loras(tmp_path, table):
+    paths = []
+    for seed, name in ((1, "b"), (2, "a")):
+        path = tmp_path / f"{name}.safetensors"
+        save_network(path, lora_for(table, [ATTN, CONV, TEXT], rank=4, seed=seed), dtype=torch.float32)
+        paths.append(path)
+    return paths
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else None), captured.err
+
+
+def delta_of(path, name, table):
+    return load_network(path).modules[name].delta(table[name][2])
+
+
+def test_merge_exact_and_recompressed(capsys, tmp_path, two_loras, table):
+    b, a = two_loras
+    out = tmp_path / "slider.safetensors"
+    code, summary, _ = run_cli(capsys, "merge", "--models", b, a, "--ratios", 1, -1, "--save_to", out)
+    assert code == 0 and summary["exact"] and summary["modules"] == 3 and summary["network_dim"] == "8"
+    for name in (ATTN, CONV, TEXT):
+        expected = delta_of(b, name, table) - delta_of(a, name, table)
+        torch.testing.assert_close(delta_of(out, name, table), expected, rtol=1e-5, atol=1e-6)
+    small = tmp_path / "slider_r2.safetensors"
+    code, summary, _ = run_cli(
+        capsys, "merge", "--models", b, a, "--ratios", 1, -1, "--new_rank", 2, "--save_precision", "fp16",
+        "--save_to", small,
+    )
+    assert code == 0 and not summary["exact"] and summary["rank_max"] == 2
+    assert 0 < summary["relative_error"] < 1
+    assert summary["retained_energy"] == pytest.approx(1 - summary["relative_error"] ** 2)
+    assert safetensors.torch.load_file(small)[f"{ATTN}.lora_down.weight"].dtype == torch.float16
+    merged_from = json.loads(load_network(small).metadata["ss_merged_from"])
+    assert [m["file"] for m in merged_from] == ["b.safetensors", "a.safetensors"]
+    assert merged_from[0]["sshs_model_hash"] == load_network(b).metadata["sshs_model_hash"]
+
+
+def test_resize_dynamic(capsys, tmp_path, two_loras):
+    out = tmp_path / "resized.safetensors"
+    code, summary, _ = run_cli(
+        capsys, "resize", "--model", two_loras[0], "--dynamic", "sv_fro:0.9", "--save_to", out, "--verbose"
+    )
+    assert code == 0 and summary["relative_error"] <= (1 - 0.9**2) ** 0.5 + 1e-6
+    resized = load_network(out)
+    assert summary["rank_max"] <= 4 and set(summary["per_module"]) == set(resized.modules)
+    kohya_spelling = tmp_path / "resized_kohya.safetensors"
+    code, same, _ = run_cli(
+        capsys, "resize", "--model", two_loras[0], "--dynamic_method", "sv_fro", "--dynamic_param", 0.9,
+        "--save_to", kohya_spelling, "--verbose",
+    )
+    assert code == 0 and same["per_module"] == summary["per_module"]
+    for name, (rank, retained, error) in summary["per_module"].items():
+        assert resized.modules[name].rank == rank and retained >= 0.9**2 - 1e-6
+        assert error == pytest.approx((1 - retained) ** 0.5, abs=1e-5)
+    assert resized.metadata["ss_network_dim"] in ("Dynamic", "1", "2", "3", "4")
+
+
+def test_merge_into_then_extract(capsys, tmp_path, two_loras, table):
+    merged = tmp_path / "toy_merged.safetensors"
+    code, summary, _ = run_cli(
+        capsys, "merge-into", "--checkpoint", TOY, "--models", two_loras[0], "--ratios", 0.5, "--save_to", merged,
+        "--save_precision", "fp32",
+    )
+    assert code == 0 and summary["weights_changed"] == 3
+    lora = tmp_path / "extracted.safetensors"
+    code, summary, _ = run_cli(
+        capsys, "extract", "--base", TOY, "--tuned", merged, "--dim", 4, "--conv_dim", 4, "--save_precision", "fp32",
+        "--save_to", lora,
+    )
+    assert code == 0 and summary["modules"] == 3 and summary["relative_error"] < 1e-3
+    for name in (ATTN, CONV, TEXT):
+        expected = 0.5 * delta_of(two_loras[0], name, table)
+        got = delta_of(lora, name, table)
+        assert float((got - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_errors_are_one_line_and_leave_no_file(capsys, tmp_path, two_loras, table):
+    out = tmp_path / "out.safetensors"
+    poisoned = tmp_path / "nan.safetensors"
+    tensors = safetensors.torch.load_file(two_loras[0])
+    tensors[f"{ATTN}.lora_up.weight"][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, poisoned)
+    other = tmp_path / "other.safetensors"
+    wrong = lora_for(table, [ATTN], rank=2, seed=9)
+    wrong.modules[ATTN].tensors["lora_down.weight"] = torch.ones(2, 7)
+    save_network(other, wrong)
+    cases = [
+        (["merge", "--models", poisoned, two_loras[1], "--save_to", out], "NaN"),
+        (["merge", "--models", two_loras[0], other, "--save_to", out], "differ in shape"),
+        (["merge", "--models", *two_loras, "--ratios", 1, "--save_to", out], "--ratios"),
+        (["merge", "--models", *two_loras, "--dynamic", "sv_fro:2", "--save_to", out], "--dynamic"),
+        (["resize", "--model", two_loras[0], "--save_to", out], "--new_rank"),
+        (["resize", "--model", two_loras[0], "--dynamic_method", "sv_fro", "--save_to", out], "go together"),
+        (["merge-into", "--checkpoint", two_loras[0], "--models", two_loras[1], "--save_to", out], "not an SD1"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+    inputs = ["a.safetensors", "b.safetensors", "nan.safetensors", "other.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
+
+
+def test_resize_to_a_file_size(capsys, tmp_path, two_loras):
+    """fp16 at full rank 4 takes ~13 KB: 10 KB must fit, be mostly spent, and 4 KB must be refused."""
+    out = tmp_path / "sized.safetensors"
+    code, summary, _ = run_cli(capsys, "resize", "--model", two_loras[0], "--dynamic", "size:10KB", "--save_to", out)
+    assert code == 0 and 0.6 * 10240 < summary["bytes"] <= 10240
+    assert summary["rank_max"] > 1 and summary["relative_error"] > 0
+    code, _, err = run_cli(capsys, "resize", "--model", two_loras[0], "--dynamic", "size:4KB", "--save_to", out)
+    assert code == 2 and "too small" in err
