@@ -1,0 +1,20 @@
+"""``python -m lorakit_ext copier --a DIR --b DIR --out FILE [training options]``: the copier slider method."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit_ext.slider.cli_common import add_common_arguments, run_verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    copier = parser.add_argument_group("copier")
+    copier.add_argument("--reuse-a", type=Path, help="use this LoRA A instead of training one")
+    copier.add_argument("--keep-a", type=Path, help="save the trained LoRA A here, to reuse it")
+    copier.add_argument("--verify-seeds", type=int, default=4, help="seeds for checking that A copies the A images")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_verb("copier", args, reuse_a=args.reuse_a, keep_a=args.keep_a, verify_seeds=args.verify_seeds)

@@ -1,0 +1,23 @@
+"""``python -m lorakit_ext difference --a DIR --b DIR --out FILE [--rank R] [--shuffle]``: B x 1 + A x (-1)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lorakit_ext.slider.cli_common import add_common_arguments, run_verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    difference = parser.add_argument_group("difference")
+    difference.add_argument("--rank", type=int, help="re-compress the exact difference to this rank (factor SVD)")
+    difference.add_argument("--shuffle", action="store_true", help="permute the rank axis (same delta)")
+    difference.add_argument("--reuse-a", type=Path, help="use this LoRA A instead of training one")
+    difference.add_argument("--keep-a", type=Path, help="save the trained LoRA A here, to reuse it")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_verb(
+        "difference", args, rank=args.rank, shuffle=args.shuffle, reuse_a=args.reuse_a, keep_a=args.keep_a
+    )

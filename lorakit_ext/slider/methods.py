@@ -1,0 +1,400 @@
+"""The three ways to turn before/after pairs into a slider LoRA, each one job on any ``ModelAdapter``.
+
+- copier: overfit LoRA A on the A images, check that it copies them, keep it applied as a frozen fp32 branch, train
+  LoRA B on the B images on top of it, detach A, save B. B then holds only what turns A into B.
+- difference: overfit A and B separately on the base model and write B x 1 + A x (-1) exactly (rank concatenation,
+  the merge code's), optionally re-compressed to a rank by its factor SVD. Unlike kohya's ``--concat --ratios 1 -1``
+  the result is the whole of B - A, not half of it.
+- paired: one LoRA trained at multiplier +w on B and -w on A with the same noise and timestep (the Concept Sliders
+  image-pair objective), for comparison.
+
+Every pass trains through ``lorakit_ext.train.trainer.train`` (``train_pass``), so every training option applies to
+each pass. Every output is a plain kohya LoRA whose metadata names the method and the pair images' sha256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorakit_ext.errors import LorakitError
+from lorakit_ext.slider.pairs import PairSet, resized, write_dataset
+
+# The established slider recipe; a TOML file and command-line options override any of it.
+SLIDER_DEFAULTS: dict[str, object] = {
+    "learning_rate": 1e-3,
+    "network_dim": 4,
+    "network_alpha": 1.0,
+    "network_train_unet_only": True,
+    "optimizer_type": "AdamW",
+    "lr_scheduler": "cosine_with_restarts",
+    "noise_offset": 0.1,
+    "default_caption": "",
+}
+METHODS = ("copier", "difference", "paired")
+COPY_SIMILARITY_MIN = 0.85  # below this mean pixel similarity LoRA A is said not to copy the A images
+METADATA_METHOD = "lorakit_slider_method"
+METADATA_SOURCES = "lorakit_slider_sources"
+
+Reporter = Callable[..., None]
+
+
+@dataclass
+class SliderResult:
+    """What a slider job produced. ``output`` is None when it was stopped before the final file."""
+
+    method: str
+    output: Path | None
+    kept_a: Path | None = None
+    copy_similarity: float | None = None
+    metrics: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+
+def slider_config(pair_set: PairSet, values: Mapping[str, object] | None = None, toml: str | Path | None = None):
+    """The ``TrainConfig`` of a slider job: the recipe, then the TOML file, then ``values``; the resolution defaults
+    to the pairs' image size."""
+    from lorakit_ext.train.config import TrainConfig
+
+    width, height = pair_set.pairs[0].size
+    base = {**SLIDER_DEFAULTS, "resolution": (width, height)}
+    if toml is not None:
+        # the file's options are those that differ from the engine's defaults (TrainConfig keeps no record of
+        # which keys a file named), laid over the recipe
+        defaults = TrainConfig().to_dict()
+        base.update({k: v for k, v in TrainConfig.load_toml(toml).to_dict().items() if defaults[k] != v})
+    config = TrainConfig.from_dict(base, source="slider recipe")
+    return config.with_overrides(dict(values or {}), source="slider options") if values else config
+
+
+def slider_metadata(method: str, pair_set: PairSet, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {METADATA_METHOD: method, METADATA_SOURCES: pair_set.sources_json(), **dict(extra or {})}
+
+
+def train_pass(config, adapter, data_dir: Path, out: Path, report: Reporter, token, hooks=None):
+    """One training pass through the engine, writing ``out``: the single place the slider methods call the trainer."""
+    from lorakit_ext.train.trainer import train
+
+    run = config.with_overrides(
+        {"train_data_dir": str(data_dir), "output_dir": str(out.parent), "output_name": out.stem}, source="slider"
+    )
+    return train(run, adapter, report, token, hooks)
+
+
+def _phase(report: Reporter, name: str) -> Reporter:
+    """``report`` with each message prefixed by the pass it comes from."""
+
+    def phase_report(**event) -> None:
+        if event.get("message"):
+            event["message"] = f"{name}: {event['message']}"
+        report(**event)
+
+    return phase_report
+
+
+def _check_output(out: Path) -> None:
+    if out.suffix != ".safetensors":
+        raise LorakitError(f"--out {out}: the slider file must end in .safetensors")
+    if not out.parent.is_dir():
+        raise LorakitError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], config) -> float:
+    """How well LoRA A alone reproduces the A images from the training caption: the mean over seeds of
+    1 - mean |generated - nearest A image| / 255 (1: pixel-identical)."""
+    from lorakit_ext.networks.network import network_from_weights
+    from lorakit_ext.sampling import sample, to_uint8
+
+    width, height = config.resolution
+    network, _ = network_from_weights(weights, adapter.targets())
+    network.to(adapter.device).eval().attach()
+    try:
+        images = to_uint8(
+            sample(adapter, [config.default_caption] * len(seeds), seeds, cfg_scale=1.0, width=width, height=height)
+        ).astype(np.float32)
+    finally:
+        network.detach()
+    targets = [np.asarray(resized(p.a, width, height), dtype=np.float32) for p in pair_set.pairs]
+    return float(np.mean([1 - min(np.abs(image - t).mean() for t in targets) / 255.0 for image in images]))
+
+
+def _frozen_branch(weights, adapter):
+    """Network A attached as an fp32 branch that training cannot change (B's wrapper stacks above it)."""
+    from lorakit_ext.networks.network import network_from_weights
+
+    network, unknown = network_from_weights(weights, adapter.targets(), dtype=torch.float32)
+    if unknown:
+        raise LorakitError(f"LoRA A has {len(unknown)} modules this model lacks (e.g. {unknown[0]})")
+    network.to(adapter.device).requires_grad_(False).eval()
+    return network.attach()
+
+
+def _new_network(config, adapter):
+    """The zero-delta network the config trains, initialised from the config's seed as the trainer would."""
+    from lorakit_ext.networks.network import create_network
+    from lorakit_ext.train.trainer import network_spec
+
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        return create_network(adapter.targets(), network_spec(config))
+
+
+def _overfit(config, adapter, pair_set: PairSet, side: str, out: Path, work: Path, report, token, masked: bool):
+    data = write_dataset(pair_set, side, work / f"data_{side}", masked=masked)
+    run = config.with_overrides({"masked_loss": masked, "save_precision": "float"}, source="slider")
+    return train_pass(run, adapter, data, out, _phase(report, f"LoRA {side.upper()}"), token)
+
+
+def _lora_a(config, adapter, pair_set, work: Path, reuse_a, keep_a, report, token, masked: bool) -> Path | None:
+    """LoRA A's file: ``reuse_a`` as given, or A trained now (into ``keep_a`` when given); None when stopped."""
+    if reuse_a is not None:
+        if not Path(reuse_a).is_file():
+            raise LorakitError(f"--reuse-a {reuse_a}: no such file")
+        return Path(reuse_a)
+    a_path = Path(keep_a) if keep_a is not None else work / "lora_a.safetensors"
+    return None if _overfit(config, adapter, pair_set, "a", a_path, work, report, token, masked).stopped else a_path
+
+
+def copier(
+    pair_set: PairSet,
+    config,
+    adapter,
+    out: str | Path,
+    *,
+    reuse_a: str | Path | None = None,
+    keep_a: str | Path | None = None,
+    masked: bool = False,
+    verify_seeds: int = 4,
+    report: Reporter | None = None,
+    token=None,
+) -> SliderResult:
+    """The copier method (module docstring). ``reuse_a`` skips training A; ``keep_a`` saves the trained A there.
+    ``masked`` weights B's loss by the pairs' difference mask."""
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.train.job import StopToken
+    from lorakit_ext.train.trainer import TrainHooks
+
+    out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
+    _check_output(out)
+    result = SliderResult("copier", None)
+    with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
+        work = Path(temp)
+        a_path = _lora_a(config, adapter, pair_set, work, reuse_a, keep_a, report, token, masked=False)
+        if a_path is None:
+            return dataclasses.replace(result, stopped=True)
+        result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
+        weights_a = load_network(a_path)
+        seeds = list(range(config.seed, config.seed + verify_seeds))
+        result.copy_similarity = copy_similarity(adapter, weights_a, pair_set, seeds, config)
+        report(message=f"LoRA A copies the A images with similarity {result.copy_similarity:.3f}")
+        if result.copy_similarity < COPY_SIMILARITY_MIN:
+            result.warnings.append(
+                f"LoRA A does not copy the A images (similarity {result.copy_similarity:.3f} < {COPY_SIMILARITY_MIN}):"
+                " train it longer or at a higher learning rate, or the slider will carry A's content"
+            )
+            report(message="warning: " + result.warnings[-1])
+        data_b = write_dataset(pair_set, "b", work / "data_b", masked=masked)
+        network_b = _new_network(config, adapter)
+        hooks = TrainHooks(network=network_b, metadata=slider_metadata("copier", pair_set, _a_note(a_path, weights_a)))
+        branch_a = _frozen_branch(weights_a, adapter)
+        try:
+            run = config.with_overrides({"masked_loss": masked}, source="slider")
+            trained = train_pass(run, adapter, data_b, out, _phase(report, "LoRA B on A"), token, hooks)
+        finally:
+            branch_a.detach()
+    result.output, result.stopped = trained.output, trained.stopped
+    return result
+
+
+def _a_note(a_path: Path, weights_a) -> dict[str, str]:
+    source = {"file": a_path.name, "sshs_model_hash": weights_a.metadata.get("sshs_model_hash", "")}
+    return {"lorakit_slider_a": json.dumps(source)}
+
+
+def shuffled_ranks(weights, seed: int):
+    """The same network with each LoRA module's rank axis permuted: the same delta, factors that no longer show
+    which rows came from which training image."""
+    from lorakit_ext.networks.weights import LORA_DOWN, LORA_UP, ModuleWeights, NetworkWeights
+
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, module in weights.modules.items():
+        if module.algo != "lora" or "lora_mid.weight" in module.tensors:
+            raise LorakitError(f"--shuffle works on plain LoRA modules; {name} is {module.algo}")
+        order = torch.randperm(module.rank, generator=generator)
+        tensors = dict(module.tensors)
+        tensors[LORA_DOWN] = module.tensors[LORA_DOWN][order].contiguous()
+        tensors[LORA_UP] = module.tensors[LORA_UP][:, order].contiguous()
+        modules[name] = ModuleWeights(tensors, module.alpha)
+    return NetworkWeights(modules, dict(weights.metadata))
+
+
+def difference_weights(
+    weights_b, weights_a, *, rank: int | None = None, shuffle: bool = False, seed: int = 0, report: Reporter | None = None
+):
+    """B x 1 + A x (-1) as one LoRA: exact by rank concatenation, or the best rank-``rank`` approximation; with
+    ``shuffle`` the rank axis is permuted (same delta)."""
+    from lorakit_ext.merge.algebra import merge_networks
+    from lorakit_ext.merge.svd import RankRule, merge_compressed
+
+    sources, ratios = ["lora_b", "lora_a"], [1.0, -1.0]
+    if rank is None:
+        merged = merge_networks([weights_b, weights_a], ratios, sources=sources)
+    else:
+        rule = RankRule(rank=rank, conv_rank=rank)
+        merged, compression = merge_compressed([weights_b, weights_a], ratios, rule, sources=sources)
+        if report is not None:
+            report(message=f"compressed to rank {rank}: relative error {compression.relative_error:.4f}")
+    return shuffled_ranks(merged, seed) if shuffle else merged
+
+
+def difference(
+    pair_set: PairSet,
+    config,
+    adapter,
+    out: str | Path,
+    *,
+    rank: int | None = None,
+    shuffle: bool = False,
+    reuse_a: str | Path | None = None,
+    keep_a: str | Path | None = None,
+    masked: bool = False,
+    report: Reporter | None = None,
+    token=None,
+) -> SliderResult:
+    """The difference method (module docstring): B x 1 + A x (-1), exact, or re-compressed to ``rank``."""
+    from lorakit_ext.formats.kohya import load_network, save_network
+    from lorakit_ext.train.job import StopToken
+    from lorakit_ext.train.trainer import SAVE_DTYPES
+
+    out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
+    _check_output(out)
+    if rank is not None and rank < 1:
+        raise LorakitError(f"--rank must be at least 1, got {rank}")
+    result = SliderResult("difference", None)
+    with tempfile.TemporaryDirectory(prefix="lorakit-difference-") as temp:
+        work = Path(temp)
+        a_path = _lora_a(config, adapter, pair_set, work, reuse_a, keep_a, report, token, masked)
+        if a_path is None:
+            return dataclasses.replace(result, stopped=True)
+        result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
+        b_path = work / "lora_b.safetensors"
+        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked).stopped:
+            return dataclasses.replace(result, stopped=True)
+        networks = [load_network(b_path), load_network(a_path)]
+    merged = difference_weights(networks[0], networks[1], rank=rank, shuffle=shuffle, seed=config.seed, report=report)
+    dtype = SAVE_DTYPES[config.save_precision]
+    extra = {"ss_output_name": out.stem, "lorakit_slider_shuffled": str(shuffle)}
+    metadata = slider_metadata("difference", pair_set, extra)
+    save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
+    report(message="difference saved", files=[str(out)])
+    result.output = out
+    return result
+
+
+def paired(
+    pair_set: PairSet,
+    config,
+    adapter,
+    out: str | Path,
+    *,
+    weight: float = 1.0,
+    masked: bool = False,
+    report: Reporter | None = None,
+    token=None,
+) -> SliderResult:
+    """The paired method (module docstring): each batch of B images is trained at multiplier +``weight`` and its A
+    partners at -``weight``, with the same noise and timesteps; the loss is the mean of the two."""
+    from lorakit_ext.train.job import StopToken
+    from lorakit_ext.train.trainer import TrainHooks
+
+    out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
+    _check_output(out)
+    if weight <= 0:
+        raise LorakitError(f"--weight must be positive, got {weight}")
+    partners = PairPartners(pair_set)
+
+    def paired_loss(run, batch):
+        network = run.network
+        a_latents = partners.latents(run.adapter, batch.examples)
+        try:
+            network.multiplier = weight
+            loss_b = run.diffusion_loss(batch)
+            network.multiplier = -weight
+            loss_a = run.diffusion_loss(dataclasses.replace(batch, latents=a_latents))
+        finally:
+            network.multiplier = 1.0
+        return (loss_a + loss_b) / 2
+
+    metadata = slider_metadata("paired", pair_set, {"lorakit_slider_weight": str(weight)})
+    hooks = TrainHooks(batch_loss=paired_loss, metadata=metadata)
+    with tempfile.TemporaryDirectory(prefix="lorakit-paired-") as temp:
+        data_b = write_dataset(pair_set, "b", Path(temp) / "data_b", masked=masked)
+        run = config.with_overrides({"masked_loss": masked}, source="slider")
+        trained = train_pass(run, adapter, data_b, out, _phase(report, "paired LoRA"), token, hooks)
+    return SliderResult("paired", trained.output, stopped=trained.stopped)
+
+
+class PairPartners:
+    """The A image of each B training example, found by pixels (the nearest B of the pairs at the example's size,
+    flipped or not), so it works whatever the dataset's keys look like and follows flip augmentation."""
+
+    def __init__(self, pair_set: PairSet):
+        self.pair_set = pair_set
+        self._by_size: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stacks(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (height, width) not in self._by_size:
+
+            def stack(side: str) -> torch.Tensor:
+                images = [resized(getattr(p, side), width, height) for p in self.pair_set.pairs]
+                return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+            self._by_size[(height, width)] = (stack("a"), stack("b"))
+        return self._by_size[(height, width)]
+
+    def pixels(self, example) -> torch.Tensor:
+        """(3, H, W) in [-1, 1]: the A partner of ``example`` under the same flip."""
+        height, width = example.pixels.shape[1:]
+        a_images, b_images = self._stacks(height, width)
+        pixels = example.pixels.float().cpu()
+        plain = (b_images - pixels).abs().flatten(1).mean(1)
+        flipped = (b_images.flip(-1) - pixels).abs().flatten(1).mean(1)
+        index = int(torch.minimum(plain, flipped).argmin())
+        partner = a_images[index]
+        return partner.flip(-1) if flipped[index] < plain[index] else partner
+
+    def latents(self, adapter, examples) -> torch.Tensor:
+        pixels = torch.stack([self.pixels(e) for e in examples]).to(adapter.device)
+        with torch.no_grad():
+            return adapter.encode_images(pixels).float()
+
+
+def run_method(
+    method: str, pair_set: PairSet, config, adapter, out: str | Path, report_settings=None, **options
+) -> SliderResult:
+    """Run one method and, when ``report_settings`` (a ``SweepSettings``) is given, the slider report on its file.
+    The CLI verbs, the WebUI tab and the HTTP API all come through here."""
+    from lorakit_ext.slider.report import report_paths, slider_report
+
+    functions = {"copier": copier, "difference": difference, "paired": paired}
+    if method not in functions:
+        raise LorakitError(f"slider method {method!r} is not one of {', '.join(METHODS)}")
+    result = functions[method](pair_set, config, adapter, out, **options)
+    if result.output is not None and report_settings is not None:
+        reporter = options.get("report") or (lambda **_: None)
+        s = report_settings
+        reporter(message=f"slider report: {len(s.weights)} weights x {len(s.seeds)} seeds x {len(s.prompts)} prompts")
+        result.metrics = slider_report(adapter, result.output, report_settings, pair_set, method)
+        result.warnings += result.metrics["warnings"]
+        written = [str(path) for path in report_paths(result.output) if path.is_file()]
+        reporter(message="slider report written", files=written)
+    return result

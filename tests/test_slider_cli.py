@@ -1,0 +1,40 @@
+"""The copier / difference / slider verbs: options resolve to the slider recipe, and user errors are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit_ext.cli import main
+from lorakit_ext.slider.demo import toy_pair_set
+from lorakit_ext.slider.methods import SLIDER_DEFAULTS
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    toy_pair_set(tmp_path / "pairs")
+    return tmp_path / "pairs"
+
+
+def test_dry_run_shows_the_recipe_with_toml_and_flags_laid_over_it(pairs, tmp_path, capsys):
+    toml = tmp_path / "slider.toml"
+    toml.write_text("[training]\nmax_train_steps = 321\n[network]\nnetwork_dim = 16\nnetwork_alpha = 16\n")
+    code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(tmp_path / "s.safetensors"),
+                 "--config", str(toml), "--learning_rate", "5e-4", "--dry-run"])
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    config = plan["config"]
+    assert plan["pairs"] == ["circle.png"] and plan["method"] == "copier"
+    assert config["max_train_steps"] == 321 and config["network_dim"] == 16 and config["learning_rate"] == 5e-4
+    assert config["lr_scheduler"] == SLIDER_DEFAULTS["lr_scheduler"] and config["noise_offset"] == 0.1
+    assert config["network_train_unet_only"] is True and config["resolution"] == [64, 64]
+
+
+@pytest.mark.parametrize("verb", ["copier", "difference", "slider"])
+def test_bad_inputs_are_one_line_errors(verb, pairs, tmp_path, capsys):
+    assert main([verb, "--a", str(pairs / "A"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --a and --b go together"
+    assert main([verb, "--pairs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --pairs") and "nowhere" in err and "\n" not in err
