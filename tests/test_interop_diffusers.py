@@ -28,7 +28,13 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def tiny_pipeline(arch: str):
     """A StableDiffusion(XL)Pipeline from tiny configs, no downloads."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     unet_config = configs.diffusers_unet_config(TINY_LDM_UNET_SDXL if arch == "sdxl" else TINY_LDM_UNET)
     if arch == "sdxl":

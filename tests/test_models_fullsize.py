@@ -3,7 +3,12 @@ over every weight, the derived diffusers configs, and checkpoint key tables that
 
 import pytest
 import torch
-from test_models_fixtures import StandInLatentDiffusion, frozen_clip_embedder, frozen_open_clip_embedder, open_clip_tower
+from test_models_fixtures import (
+    StandInLatentDiffusion,
+    frozen_clip_embedder,
+    frozen_open_clip_embedder,
+    open_clip_tower,
+)
 
 from lorakit_ext.models import configs, naming
 from lorakit_ext.models.diffusers_adapter import DiffusersAdapter

@@ -1,0 +1,176 @@
+"""The /lorakit/v1 routes over the standalone host: merge jobs end to end, 409, 404, 501, path validation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from lorakit_ext import api
+from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.networks.weights import ModuleWeights, NetworkWeights
+from lorakit_ext.ui.jobs import JobManager, Operation
+from lorakit_ext.ui.standalone import StandaloneHost
+
+torch.set_num_threads(1)
+ATTN = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q"
+TEXT = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+
+
+def tiny_lora(seed: int, rank: int = 4) -> NetworkWeights:
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        name: ModuleWeights(
+            {"lora_down.weight": torch.randn(rank, inp, generator=g) * 0.1,
+             "lora_up.weight": torch.randn(out, rank, generator=g) * 0.1},
+            alpha=rank / 2,
+        )
+        for name, out, inp in ((ATTN, 64, 64), (TEXT, 256, 64))  # the toy model's shapes
+    }
+    return NetworkWeights(modules)
+
+
+@pytest.fixture
+def client(tmp_path):
+    """An HTTP client to the routes served on 127.0.0.1 (starlette's TestClient does not match this httpx)."""
+    host = StandaloneHost(tmp_path / "Lora")
+    (tmp_path / "Lora").mkdir()
+    for seed, name in ((1, "first"), (2, "second")):
+        save_network(tmp_path / "Lora" / f"{name}.safetensors", tiny_lora(seed), dtype=torch.float32)
+    manager = JobManager(host)
+    app = FastAPI()
+    api.mount(app, manager)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        yield http, manager, tmp_path
+    server.should_exit = True
+    thread.join(10)
+
+
+def wait_done(http, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snapshot = http.get(f"/lorakit/v1/jobs/{job_id}").json()
+        if snapshot["status"] in ("done", "stopped", "cancelled", "failed"):
+            return snapshot
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {snapshot}")
+
+
+def test_merge_job_writes_under_the_lora_folder(client):
+    http, _, tmp_path = client
+    response = http.post("/lorakit/v1/merge", json={"models": ["first", "second"], "ratios": [1, -1],
+                                                    "output_name": "diff", "save_precision": "float"})
+    assert response.status_code == 200, response.text
+    snapshot = wait_done(http, response.json()["id"])
+    assert snapshot["status"] == "done", snapshot["error"]
+    output = tmp_path / "Lora" / "lorakit" / "diff.safetensors"
+    assert snapshot["result"]["output"] == str(output.resolve())
+    assert len(snapshot["result"]["hash"]) == 12 and snapshot["result_line"].startswith("Saved ")
+    merged, first, second = (load_network(p) for p in (output, tmp_path / "Lora" / "first.safetensors",
+                                                        tmp_path / "Lora" / "second.safetensors"))
+    shape = (64, 64)
+    expected = first.modules[ATTN].delta(shape) - second.modules[ATTN].delta(shape)
+    torch.testing.assert_close(merged.modules[ATTN].delta(shape), expected, rtol=1e-5, atol=1e-6)
+    assert "diff" in http.get("/lorakit/v1/networks").json()
+    assert [j["id"] for j in http.get("/lorakit/v1/jobs").json()] == [response.json()["id"]]
+
+
+def test_resize_reports_retained_energy(client):
+    http, _, tmp_path = client
+    response = http.post("/lorakit/v1/merge", json={"mode": "resize", "models": ["first"], "new_rank": 2,
+                                                    "output_name": "small"})
+    snapshot = wait_done(http, response.json()["id"])
+    assert snapshot["status"] == "done", snapshot["error"]
+    result = snapshot["result"]
+    assert result["rank_max"] == 2 and 0 < result["retained_energy"] < 1
+    assert result["retained_energy"] == pytest.approx(1 - result["relative_error"] ** 2, abs=1e-5)
+
+
+def test_second_job_is_409_and_stop_works(client):
+    http, manager, _ = client
+    started = threading.Event()
+
+    def run(adapter, report, token):
+        started.set()
+        while not token.stop_requested:
+            report(step=1, total=10)
+            time.sleep(0.02)
+        return {"files": []}
+
+    record = manager.submit(Operation("train", "long job", run, needs_model=False))
+    started.wait(5)
+    response = http.post("/lorakit/v1/merge", json={"models": ["first"], "output_name": "x"})
+    assert response.status_code == 409 and "long job is running" in response.json()["error"]
+    stopped = http.post(f"/lorakit/v1/jobs/{record.id}/stop")
+    assert stopped.status_code == 200
+    assert wait_done(http, record.id)["status"] == "stopped"
+    assert http.get("/lorakit/v1/jobs/task(nope)").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"models": ["first"], "output_name": "x", "output_dir": "../../outside"}, "outside the Lora folder"),
+        ({"models": ["/no/such/file.safetensors"], "output_name": "x"}, "models: /no/such/file.safetensors"),
+        ({"models": ["first"], "output_name": " .. "}, "output_name"),
+        ({"models": ["first"], "frobnicate": 1}, "unknown option 'frobnicate'"),
+        ({"mode": "resize", "models": ["first"]}, "new_rank"),
+    ],
+)
+def test_merge_input_errors_are_400_with_one_line(client, body, message):
+    http, manager, tmp_path = client
+    response = http.post("/lorakit/v1/merge", json=body)
+    assert response.status_code == 400 and message in response.json()["error"]
+    assert "\n" not in response.json()["error"]
+    assert manager.running() is None
+    assert not (tmp_path / "outside").exists()
+
+
+def test_sanitized_names_stay_in_the_folder(client):
+    http, _, tmp_path = client
+    response = http.post("/lorakit/v1/merge", json={"models": ["first"], "output_name": "a/../../b"})
+    snapshot = wait_done(http, response.json()["id"])
+    assert snapshot["status"] == "done"
+    assert (tmp_path / "Lora" / "lorakit" / "a_.._.._b.safetensors").is_file()
+
+
+def test_train_and_slider_input_errors(client):
+    http, _, tmp_path = client
+    response = http.post("/lorakit/v1/train", json={"train_data_dir": str(tmp_path), "output_dir": "/etc"})
+    assert response.status_code == 400 and "outside the Lora folder" in response.json()["error"]
+    response = http.post("/lorakit/v1/train", json={"learning_rat": 1})
+    assert response.status_code == 400 and "did you mean 'learning_rate'" in response.json()["error"]
+    response = http.post("/lorakit/v1/train", json={"pretrained_model_name_or_path": "x.safetensors"})
+    assert response.status_code == 400 and "pretrained_model_name_or_path" in response.json()["error"]
+    response = http.post("/lorakit/v1/copier", json={"b": str(tmp_path)})
+    assert response.status_code == 400 and response.json()["error"] == "a: no folder given"
+    response = http.post("/lorakit/v1/difference", json={"a": str(tmp_path), "b": str(tmp_path / "nope")})
+    assert response.status_code == 400 and "b: " in response.json()["error"]
+
+
+def test_merge_into_writes_a_new_checkpoint_beside_the_models(client):
+    import safetensors.torch
+
+    from lorakit_ext.toy.model import CHECKPOINT_PATH
+
+    http, _, tmp_path = client
+    response = http.post("/lorakit/v1/merge", json={"mode": "merge_into", "models": ["first"], "ratios": [0.5],
+                                                    "output_name": "toy_plus_first", "save_precision": "float"})
+    snapshot = wait_done(http, response.json()["id"])
+    assert snapshot["status"] == "done", snapshot["error"]
+    written = tmp_path / "Stable-diffusion" / "toy_plus_first.safetensors"
+    assert snapshot["result"]["output"] == str(written)
+    before, after = safetensors.torch.load_file(CHECKPOINT_PATH), safetensors.torch.load_file(written)
+    changed = [key for key in before if not torch.equal(before[key].float(), after[key].float())]
+    assert len(changed) == 2 and snapshot["result"]["weights_changed"] == 2
