@@ -14,12 +14,15 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import safetensors.torch
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
 from lorakit_ext.formats import kohya
 from lorakit_ext.networks.weights import ModuleWeights, NetworkWeights

@@ -14,9 +14,13 @@ import argparse
 import hashlib
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
 from lorakit_ext.models.configs import meta_diffusers_unet, meta_hf_text_encoders
 from lorakit_ext.models.diffusers_adapter import DiffusersAdapter

@@ -6,7 +6,7 @@ svd_merge_lora.py does); plus the relative Frobenius error of each re-compressio
 Eckart-Young optimum. Each phase runs in its own process so its peak RSS is its own ("imports" is the floor: the
 interpreter with torch and lorakit loaded). Prints one JSON line.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/merge.py [--workdir /tmp/lorakit_bench_merge]
+    OMP_NUM_THREADS=1 python benchmarks/merge.py [--workdir /tmp/lorakit_bench_merge]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
 RANK, ALPHA = 32, 16.0
 TARGET_RANKS = (8, 64)

@@ -6,18 +6,21 @@ pixels: Spearman rho between weight and foreground area, hue and centroid drift 
 Goals for copier and difference: rho >= 0.9 on >= 90% of prompt/seed runs, hue drift <= 10 degrees, centroid drift
 <= 2 px (both taken over the runs, median and 90th percentile reported).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
+    OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
 from lorakit_ext.slider.demo import toy_config, toy_pair_set
 

@@ -14,10 +14,14 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
 from lorakit_ext.models.configs import meta_ldm_unet, sd_alphas_cumprod
 from lorakit_ext.models.naming import layout_from_keys
