@@ -59,6 +59,7 @@ class _Tiny(torch.nn.Module):
         self.model = torch.nn.Module()
         self.model.diffusion_model = torch.nn.Sequential(torch.nn.Linear(4, 4))
         self.cond_stage_model = torch.nn.Linear(4, 4)
+        self.first_stage_model = torch.nn.Linear(4, 4)  # the VAE
 
 
 def test_install_asks_pip_only_for_what_is_missing(webui, monkeypatch):
@@ -182,6 +183,47 @@ def test_webui_interrupt_stops_the_job(webui):
     assert record.job.status == "stopped" and record.job.result["stopped_at"] <= 7
 
 
+def _counting_run(steps=20):
+    """A job that counts to ``steps`` unless stopped; the result says how far it got."""
+
+    def run(adapter, report, token):
+        for step in range(1, steps + 1):
+            if token.stop_requested:
+                return {"files": [], "stopped_at": step}
+            report(step=step, total=steps)
+        return {"files": [], "stopped_at": None}
+
+    return run
+
+
+def test_interrupt_of_an_earlier_generation_does_not_stop_the_next_job(webui):
+    """The WebUI's ``state.end()`` leaves ``interrupted`` set; only the next ``begin()`` clears it."""
+    callbacks = _register(webui)
+    state = webui.shared.state
+    state.begin(job="txt2img")
+    state.interrupt()
+    state.end()
+    assert state.interrupted  # as in the WebUI: the flag outlives the interrupted generation
+    record = callbacks.manager().submit(Operation("train", "after an interrupt", _counting_run(), needs_model=False))
+    assert record.job.wait(10)
+    assert record.job.status == "done" and record.job.result["stopped_at"] is None
+
+
+def test_interrupt_of_the_generation_a_job_waits_for_does_not_stop_it(webui):
+    callbacks = _register(webui)
+    state = webui.shared.state
+    with webui.call_queue.queue_lock:  # a generation is running
+        state.begin(job="txt2img")
+        state.interrupt()  # the user interrupts that generation, and starts a job while it winds down
+        record = callbacks.manager().submit(Operation("train", "queued", _counting_run(), needs_model=False))
+        while record.job.latest is None:  # the job reported that it waits for the host
+            record.job.wait(0.01)
+        state.interrupt()
+        state.end()
+    assert record.job.wait(10)
+    assert record.job.status == "done" and record.job.result["stopped_at"] is None
+
+
 def test_training_session_clears_lora_patches_and_restores_model(webui, monkeypatch):
     callbacks = _register(webui)
     model = _Tiny()
@@ -229,6 +271,104 @@ class _TinyAdapter:
 
     def components(self):
         return {"unet": self.model.model.diffusion_model, "te": self.model.cond_stage_model}
+
+
+@pytest.fixture(scope="module")
+def toy_ldm():
+    """The toy checkpoint as a real ldm ``LatentDiffusion``, standing in for ``shared.sd_model``."""
+    torch.set_num_threads(1)
+    from lorakit_ext.toy.model import load_toy_model
+
+    return load_toy_model()
+
+
+def _toy_dataset(root: Path) -> Path:
+    from PIL import Image
+
+    folder = root / "data" / "2_zq"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 180, 20)).save(folder / "one.png")
+    (folder / "one.txt").write_text("zq")
+    return folder.parent
+
+
+def _bits(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("outcome", ["done", "stopped", "cancelled", "failed"])
+def test_training_on_the_loaded_model_leaves_it_bit_for_bit_on_every_outcome(webui, toy_ldm, tmp_path, outcome,
+                                                                              monkeypatch):
+    """A real toy training through the job manager and the WebUI host: finished, stopped by the WebUI's Interrupt,
+    cancelled, or failed mid-step; UNet, text encoder and VAE are exactly as before each time."""
+    from lorakit_ext.models.ldm import LdmAdapter
+    from lorakit_ext.ui import operations
+    from lorakit_ext.ui.host import model_checksum
+
+    callbacks = _register(webui)
+    webui.shared.sd_model = toy_ldm
+    before, checksum = _bits(toy_ldm), model_checksum([toy_ldm])
+    assert any(name.startswith("first_stage_model.") for name in before)  # the VAE is part of what is compared
+    predictions = []
+    real_predict = LdmAdapter.predict
+
+    def predict(self, *args, **kwargs):
+        predictions.append(1)
+        if outcome == "stopped" and len(predictions) == 2:
+            webui.shared.state.interrupt()
+        if outcome == "cancelled" and len(predictions) == 2:
+            record.job.cancel()
+        if outcome == "failed" and len(predictions) == 2:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return real_predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(LdmAdapter, "predict", predict)
+    config = operations.train_config({"train_data_dir": str(_toy_dataset(tmp_path)), "output_name": "bits",
+                                      "resolution": 64, "network_dim": 4, "max_train_steps": 4,
+                                      "network_train_unet_only": False, "save_precision": "float"},
+                                     callbacks.manager().host)
+    record = callbacks.manager().submit(operations.train_operation(config))
+    assert record.job.wait(60)
+    assert record.job.status == outcome, record.job.error
+    if outcome == "failed":
+        assert record.job.error == "RuntimeError: CUDA out of memory (stand-in)"
+    assert 2 <= len(predictions) <= (4 if outcome == "done" else 3)
+    assert model_checksum([toy_ldm]) == checksum
+    after = _bits(toy_ldm)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize("ending", ["returns", "stops", "is cancelled", "raises"])
+def test_a_changed_vae_is_reported_on_every_path_without_hiding_the_error(webui, monkeypatch, ending):
+    callbacks = _register(webui)
+    model = _Tiny()
+    webui.shared.sd_model = model
+    import lorakit_ext.models.ldm as ldm
+
+    monkeypatch.setattr(ldm, "LdmAdapter", _TinyAdapter)
+
+    def run(adapter, report, token):
+        with torch.no_grad():
+            model.first_stage_model.weight.mul_(1.001)  # a bug that leaves the VAE changed
+        if ending == "stops":
+            token.stop()
+        if ending == "is cancelled":
+            token.cancel()
+            token.raise_if_cancelled()
+        if ending == "raises":
+            raise LorakitError("train_data_dir: an unreadable image (stand-in)")
+        return {"files": []}
+
+    record = callbacks.manager().submit(Operation("train", "train lora 'x'", run, needs_model=True))
+    assert record.job.wait(10)
+    assert record.job.status == "failed"
+    assert record.job.error.startswith("train lora 'x': the checkpoint's weights changed; reload it")
+    if ending == "raises":
+        assert record.job.error.endswith("(the job itself ended with: train_data_dir: an unreadable image (stand-in))")
+    if ending == "is cancelled":
+        assert record.job.error.endswith("(the job itself ended with: Cancelled)")
+    assert not webui.call_queue.queue_lock.locked() and webui.shared.state.job == ""
 
 
 def test_lowvram_and_fp8_are_refused_and_fork_is_reported(webui, monkeypatch):

@@ -7,7 +7,8 @@ where Lora files live, how the Lora list refreshes) is here, so the tabs and rou
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -105,3 +106,19 @@ def model_checksum(modules) -> str:
 
 class ModelChanged(LorakitError):
     """A job left the host's model different from how it found it (a bug; the model should be reloaded)."""
+
+
+@contextmanager
+def unchanged_model(modules, problem: str) -> Iterator[None]:
+    """Checksum ``modules`` before and after the block; ``ModelChanged(problem)`` when they differ. When the block
+    itself failed, that error is named in the same message and chained, so neither hides the other."""
+    before = model_checksum(modules)
+    try:
+        yield
+    except Exception as error:
+        if model_checksum(modules) != before:
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelChanged(f"{problem} (the job itself ended with: {first})") from error
+        raise
+    if model_checksum(modules) != before:
+        raise ModelChanged(problem)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.ui.host import ModelChanged, Notice, ProgressView, model_checksum
+from lorakit_ext.ui.host import Notice, ProgressView, unchanged_model
 
 DEFAULT_PORT = 7870
 OUTPUT_SUBFOLDER = "lorakit"
@@ -75,13 +75,9 @@ class StandaloneHost:
                 yield None
                 return
             adapter = self.adapter()
-            components = list(adapter.components().values())
-            before = model_checksum(components)
-            try:
+            changed = f"{title}: the model's weights changed during the job; restart the app"
+            with unchanged_model(list(adapter.components().values()), changed):
                 yield adapter
-            finally:
-                if model_checksum(components) != before:
-                    raise ModelChanged(f"{title}: the model's weights changed during the job; restart the app")
 
     def report(self, task_id: str, progress: ProgressView, preview: Any | None = None) -> None:
         self.last_progress[task_id] = progress

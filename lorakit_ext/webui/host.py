@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.ui.host import ModelChanged, Notice, ProgressView, model_checksum
+from lorakit_ext.ui.host import Notice, ProgressView, unchanged_model
 
 OUTPUT_SUBFOLDER_OPTION = "lorakit_output_subfolder"
 DEFAULT_OUTPUT_SUBFOLDER = "lorakit"
@@ -51,6 +51,11 @@ class WebUIHost:
 
     title = "AUTOMATIC1111 WebUI"
     native_progress = True
+
+    def __init__(self):
+        # The task whose session holds the queue lock and has called ``state.begin()``; the WebUI's Interrupt
+        # counts only then (``state.end()`` leaves ``interrupted`` set until the next ``begin()``).
+        self._begun_task: str | None = None
 
     def notices(self) -> list[Notice]:
         from modules import shared
@@ -120,6 +125,7 @@ class WebUIHost:
             shared.state.sampling_steps = STEPS_PER_JOB
             shared.state.textinfo = title
             progress.start_task(task_id)
+            self._begun_task = task_id
             try:
                 if needs_model:
                     with self._model_for_training(title) as adapter:
@@ -127,6 +133,7 @@ class WebUIHost:
                 else:
                     yield None
             finally:
+                self._begun_task = None
                 progress.finish_task(task_id)
                 shared.state.end()
 
@@ -148,29 +155,27 @@ class WebUIHost:
                                "to Disable and reload the checkpoint")
         self._undo_lora_patches(model)
         adapter = LdmAdapter(model)
-        components = list(adapter.components().values())
-        before = model_checksum(components)
         swap_attention = not getattr(shared.opts, "training_xattention_optimizations", False)
-        if swap_attention:
-            sd_hijack.undo_optimizations()
         # --medvram: the WebUI's hooks move each part to the GPU when its wrapper runs; training calls the UNet
         # directly, so it is put there for the job (text encoder and VAE still move by their hooks).
         medvram = bool(getattr(model, "lowvram", False))
-        if medvram:
-            adapter.unet.to(devices.device)
-        try:
-            yield adapter
-        finally:
+        changed = f"{title}: the checkpoint's weights changed; reload it (Settings > Actions)"
+        with unchanged_model([model], changed):  # the whole model: UNet, text encoder(s) and VAE
             if swap_attention:
-                sd_hijack.apply_optimizations()
+                sd_hijack.undo_optimizations()
             if medvram:
-                from modules import lowvram
+                adapter.unet.to(devices.device)
+            try:
+                yield adapter
+            finally:
+                if swap_attention:
+                    sd_hijack.apply_optimizations()
+                if medvram:
+                    from modules import lowvram
 
-                adapter.unet.to(devices.cpu)
-                lowvram.send_everything_to_cpu()  # forget which part is on the GPU, so the next use moves it
-            devices.torch_gc()
-            if model_checksum(components) != before:
-                raise ModelChanged(f"{title}: the checkpoint's weights changed; reload it (Settings > Actions)")
+                    adapter.unet.to(devices.cpu)
+                    lowvram.send_everything_to_cpu()  # forget which part is on the GPU, so the next use moves it
+                devices.torch_gc()
 
     @staticmethod
     def _undo_lora_patches(model) -> None:
@@ -195,6 +200,8 @@ class WebUIHost:
             shared.state.assign_current_image(preview)
 
     def interrupted(self) -> bool:
+        """The WebUI's Interrupt, pressed since our job's ``state.begin()`` (an Interrupt of a generation before it,
+        or of the one it waited for, is not ours)."""
         from modules import shared
 
-        return bool(shared.state.interrupted)
+        return self._begun_task is not None and bool(shared.state.interrupted)
