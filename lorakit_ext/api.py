@@ -5,14 +5,19 @@ training, the merge verbs' flag names for merges) and answer ``{"id": ...}``; GE
 report progress and results; POST ``jobs/{id}/stop`` (``?cancel=true`` to save nothing). One job at a time: a
 second answers 409. Errors are ``{"error": "one line"}`` with 400 (bad input), 404, 409 or 501 (not in this
 version). Written for fastapi 0.94 / pydantic 1, the WebUI's.
+
+Given credentials (the WebUI's ``--api-auth``), every route asks for HTTP Basic auth and answers 401 otherwise,
+the check ``modules/api/api.py`` puts on ``/sdapi/v1`` (WebUI 1.10).
 """
 
 from __future__ import annotations
 
+from secrets import compare_digest
 from typing import Any
 
-from fastapi import APIRouter, Body, FastAPI
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.ui import operations
@@ -31,9 +36,33 @@ def error_status(error: LorakitError) -> int:
     return 400
 
 
-def build_router(manager: JobManager) -> APIRouter:
-    """The routes over ``manager`` (and its host's path rules)."""
-    router = APIRouter(prefix=PREFIX, tags=["lorakit"])
+def parse_credentials(api_auth: str) -> dict[str, str]:
+    """``user:password[,user:password...]`` (the WebUI's ``--api-auth``) as user -> password."""
+    credentials = {}
+    for entry in api_auth.split(","):
+        user, colon, password = entry.partition(":")
+        if not colon:
+            raise LorakitError(f"--api-auth: {entry!r} is not user:password")
+        credentials[user] = password
+    return credentials
+
+
+def basic_auth(credentials: dict[str, str]):
+    """A route dependency that lets through only these users, answering 401 as the WebUI's ``Api.auth`` does."""
+
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:
+        expected = credentials.get(given.username)
+        if expected is None or not compare_digest(given.password.encode(), expected.encode()):
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def build_router(manager: JobManager, credentials: dict[str, str] | None = None) -> APIRouter:
+    """The routes over ``manager`` (and its host's path rules), behind HTTP Basic auth when ``credentials``."""
+    dependencies = [Depends(basic_auth(credentials))] if credentials else []
+    router = APIRouter(prefix=PREFIX, tags=["lorakit"], dependencies=dependencies)
     host = manager.host
 
     def answer(make):
@@ -84,8 +113,8 @@ def build_router(manager: JobManager) -> APIRouter:
     return router
 
 
-def mount(app: FastAPI, manager: JobManager) -> None:
+def mount(app: FastAPI, manager: JobManager, credentials: dict[str, str] | None = None) -> None:
     """Add the routes to ``app`` once (the WebUI can fire ``on_app_started`` again after a UI reload)."""
     if any(getattr(route, "path", "").startswith(PREFIX) for route in app.routes):
         return
-    app.include_router(build_router(manager))
+    app.include_router(build_router(manager, credentials))

@@ -93,6 +93,7 @@ def test_script_registers_tab_settings_api_and_axes_once(webui):
     from fastapi import FastAPI
 
     app = FastAPI()
+    webui.shared.cmd_opts.api = True
     webui.callbacks.app_started_callback(None, app)
     webui.callbacks.app_started_callback(None, app)  # a second start mounts nothing twice
     paths = [route.path for route in app.routes if route.path.startswith("/lorakit/v1")]
@@ -104,6 +105,67 @@ def test_script_registers_tab_settings_api_and_axes_once(webui):
     assert labels.count("[LoRA Kit] LoRA weight") == 1
     assert {"[LoRA Kit] LoRA file", "[LoRA Kit] LoRA TE/UNet weight"} <= set(labels)
     assert callbacks.manager() is callbacks.manager()
+
+
+def _api_answers(app, requests):
+    """(status, JSON body, WWW-Authenticate) for each (method, path, auth) sent to ``app`` in process."""
+    import asyncio
+
+    import httpx
+
+    async def send():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://webui") as client:
+            answers = []
+            for method, path, auth in requests:
+                response = await client.request(method, path, auth=auth, json={} if method == "POST" else None)
+                answers.append((response.status_code, response.json(), response.headers.get("www-authenticate")))
+            return answers
+
+    return asyncio.run(send())
+
+
+@pytest.mark.parametrize("flags, mounted", [({}, False), ({"api": True}, True), ({"nowebui": True}, True)])
+def test_routes_are_served_only_where_the_webui_serves_its_api(webui, flags, mounted):
+    from fastapi import FastAPI
+
+    _register(webui)
+    vars(webui.shared.cmd_opts).update(flags)
+    app = FastAPI()
+    webui.callbacks.app_started_callback(None, app)
+    paths = {route.path for route in app.routes}
+    assert ("/lorakit/v1/jobs" in paths) == mounted
+    if mounted:
+        assert _api_answers(app, [("GET", "/lorakit/v1/jobs", None)]) == [(200, [], None)]
+
+
+def test_api_auth_guards_every_route_like_sdapi(webui):
+    from fastapi import FastAPI
+
+    callbacks = _register(webui)
+    webui.shared.cmd_opts.api = True
+    webui.shared.cmd_opts.api_auth = "alice:s3cret,bob:pa55"
+    app = FastAPI()
+    webui.callbacks.app_started_callback(None, app)
+    refused = (401, {"detail": "Incorrect username or password"}, "Basic")
+    answers = _api_answers(app, [
+        ("GET", "/lorakit/v1/jobs", None),
+        ("GET", "/lorakit/v1/jobs", ("alice", "wrong")),
+        ("GET", "/lorakit/v1/jobs", ("carol", "s3cret")),
+        ("POST", "/lorakit/v1/merge", ("bob", "s3cret")),
+        ("POST", "/lorakit/v1/jobs/task(x)/stop", None),
+        ("GET", "/lorakit/v1/jobs", ("alice", "s3cret")),
+        ("GET", "/lorakit/v1/jobs/task(x)", ("bob", "pa55")),
+    ])
+    unauthenticated = (401, {"detail": "Not authenticated"}, "Basic")  # no credentials: HTTPBasic's own answer
+    assert answers[:5] == [unauthenticated, refused, refused, refused, unauthenticated]
+    assert answers[5] == (200, [], None)
+    assert answers[6] == (404, {"error": "no job task(x)"}, None)
+    assert callbacks.manager().records() == []  # the refused POST started nothing
+    from lorakit_ext.api import parse_credentials
+
+    with pytest.raises(LorakitError, match="--api-auth: 'alice' is not user:password"):
+        parse_credentials("alice")
 
 
 def test_xyz_axes_rewrite_the_prompt(webui):

@@ -366,7 +366,7 @@ class LorakitTabs:
             try:
                 found = load_pairs(a_dir=a or None, b_dir=b or None)
             except LorakitError as error:
-                raise gr.Error(str(error))
+                raise gr.Error(str(error)) from error
             return [(image, f"{pair.name} {label}") for pair in found.pairs
                     for image, label in ((pair.a, "A"), (pair.b, "B"), (difference_image(pair), "|B-A|"))]
 

@@ -1,8 +1,9 @@
 """The WebUI callbacks lorakit registers (called once from ``scripts/lorakit.py``).
 
 ``on_ui_tabs``: the "LoRA Kit" tab. ``on_ui_settings``: the output subfolder and the X/Y/Z options.
-``on_app_started``: the ``/lorakit/v1`` routes. ``on_before_ui``: the X/Y/Z axes. One ``JobManager`` serves the
-tab and the API, so a job started from either is seen by both and never runs beside another.
+``on_app_started``: the ``/lorakit/v1`` routes (with ``--api``). ``on_before_ui``: the X/Y/Z axes. One
+``JobManager`` serves the tab and the API, so a job started from either is seen by both and never runs beside
+another.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ def on_ui_settings():
 
 
 def on_app_started(demo, app):
+    """The routes, where the WebUI serves ``/sdapi/v1``: only with ``--api`` (or ``--nowebui``), behind the same
+    ``--api-auth`` users. The tab does not use them (its buttons are gradio events)."""
+    from modules import shared
+
     from lorakit_ext import api
 
-    api.mount(app, manager())
+    flags = shared.cmd_opts
+    if not (flags.api or flags.nowebui):
+        return
+    api.mount(app, manager(), api.parse_credentials(flags.api_auth) if flags.api_auth else None)
 
 
 def on_before_ui():
