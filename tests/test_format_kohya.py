@@ -426,8 +426,8 @@ def test_shared_storage_is_written(tmp_path):
 # --- applying to a model -------------------------------------------------------------------------------------------
 
 
-def test_match_to_targets(tmp_path):
-    weights = sd1_network()
+def test_check_fits_model():
+    weights = NetworkWeights(sd1_network().modules, source="net.safetensors")
     targets = {
         SD1_ATTN2_K: (320, 768),
         SD1_PROJ_IN: (320, 320),  # a 1x1-conv LoRA fits a Linear (the WebUI reshapes it)
@@ -435,24 +435,38 @@ def test_match_to_targets(tmp_path):
         TE_Q: (768, 768),
         SD1_UP_Q: (1280, 1280),
     }
-    assert set(kohya.match_to_targets(weights, targets, "net.safetensors")) == set(weights.modules)
+    kohya.check_fits_model(weights, targets, "sd1")  # no raise
 
     with pytest.raises(LorakitError) as excinfo:
-        kohya.match_to_targets(weights, {**targets, SD1_CONV: (320, 320, 1, 1)}, "net.safetensors")
+        kohya.check_fits_model(weights, {**targets, SD1_CONV: (320, 320, 1, 1)}, "sd1")
     message = one_line_error_naming("net.safetensors", excinfo)
-    assert SD1_CONV in message and "(320, 320, 3, 3)" in message and "(320, 320, 1, 1)" in message
+    assert f"1 of {len(weights.modules)} modules do not fit" in message and SD1_CONV in message
+    assert "(320, 320, 3, 3)" in message and "(320, 320, 1, 1)" in message and "made for sd1, the model is sd1" in message
 
-    sdxl = NetworkWeights({SDXL_ATTN2_K: lora(640, 2048, 4, 1.0), "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": lora(768, 768, 4)})
+    sdxl = NetworkWeights({SDXL_ATTN2_K: lora(640, 2048, 4, 1.0), "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": lora(768, 768, 4)}, source="xl.safetensors")
     with pytest.raises(LorakitError) as excinfo:
-        kohya.match_to_targets(sdxl, targets, "xl.safetensors", model_arch="sd1")
+        kohya.check_fits_model(sdxl, targets, model_arch="sd1")
     message = one_line_error_naming("xl.safetensors", excinfo)
-    assert "2 of 2 modules" in message and "for sdxl" in message and "model is sd1" in message
+    assert "2 of 2 modules match no target" in message and "made for sdxl, the model is sd1" in message
+    assert SDXL_ATTN2_K in message
+
+
+def test_misfit_of_a_network_built_in_memory_says_so():
+    with pytest.raises(LorakitError, match=r"^the network: made for sd1: 1 of 1 modules match no target"):
+        kohya.check_fits_model(NetworkWeights({SD1_ATTN2_K: lora(320, 768, 4)}), {})
+
+
+def test_loaded_network_knows_its_file(tmp_path):
+    path = tmp_path / "net.safetensors"
+    kohya.save_network(path, sd1_network())
+    assert kohya.load_network(path).source == str(path)
+    assert kohya.load_network(path).to(torch.float16).source == str(path)
 
 
 def test_match_flattened_loha_by_size(tmp_path):
     loha = NetworkWeights(
         {SD1_CONV: ModuleWeights({"hada_w1_a": randn(320, 8), "hada_w1_b": randn(8, 2880), "hada_w2_a": randn(320, 8), "hada_w2_b": randn(8, 2880)}, 1.0)}
     )
-    assert SD1_CONV in kohya.match_to_targets(loha, {SD1_CONV: (320, 320, 3, 3)}, "loha.safetensors")
+    kohya.check_fits_model(loha, {SD1_CONV: (320, 320, 3, 3)})  # no raise
     with pytest.raises(LorakitError, match="320 rows x 2880 columns"):
-        kohya.match_to_targets(loha, {SD1_CONV: (320, 640, 3, 3)}, "loha.safetensors")
+        kohya.check_fits_model(loha, {SD1_CONV: (320, 640, 3, 3)})

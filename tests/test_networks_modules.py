@@ -101,9 +101,7 @@ def test_forward_delta_equals_pure_function_and_module_weights(case):
     with torch.no_grad():
         off = host(x)
     target = Target(name, layer, "unet", "resnet")
-    network, unknown = network_from_weights(NetworkWeights({name: file_weights}), [target])
-    assert unknown == []
-    network.attach()
+    network = network_from_weights(NetworkWeights({name: file_weights}), [target]).attach()
     for multiplier in (1.0, 0.5):
         network.multiplier = multiplier
         with torch.no_grad():
@@ -208,13 +206,35 @@ def assert_bitwise_equal(module: nn.Module, saved: dict[str, torch.Tensor]):
     assert all(torch.equal(state[key], saved[key]) for key in saved)
 
 
+def lokr_network(host: TinyHost):
+    """LoKr (read from files, never trained here) on every TinyHost target, in each stored form: full w1 with a
+    factored w2 on the Linears and MultiheadAttention rows, a Tucker w2 on the 3x3 conv, a full 4-D w2 on the 1x1."""
+    modules = {}
+    for target in tiny_targets(host):
+        out_features, in_features, *kernel = target.shape
+        if kernel == [3, 3]:
+            tensors = {"lokr_w1": randn(2, 1), "lokr_w2_a": randn(2, out_features // 2), "lokr_w2_b": randn(2, in_features),
+                       "lokr_t2": randn(2, 2, 3, 3)}
+        elif kernel:
+            tensors = {"lokr_w1": randn(2, 1), "lokr_w2": randn(out_features // 2, in_features, 1, 1)}
+        else:
+            tensors = {"lokr_w1": randn(2, 2), "lokr_w2_a": randn(out_features // 2, 2),
+                       "lokr_w2_b": randn(2, in_features // 2)}
+        modules[target.name] = ModuleWeights(tensors, 1.0)
+    return network_from_weights(NetworkWeights(modules), tiny_targets(host))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("algo", ["locon", "loha"])
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
 def test_fuse_matches_bypass_and_unfuse_is_bitwise(dtype, algo):
     torch.manual_seed(12)
     host = TinyHost().to(dtype)
-    spec = NetworkSpec(algo=algo, dim=3, alpha=1.5, conv_dim=2, conv_alpha=1.0, use_tucker=True)
-    network = randomised(create_network(tiny_targets(host), spec)).attach()
+    if algo == "lokr":
+        network = lokr_network(host).attach()
+    else:
+        spec = NetworkSpec(algo=algo, dim=3, alpha=1.5, conv_dim=2, conv_alpha=1.0, use_tucker=True)
+        network = randomised(create_network(tiny_targets(host), spec)).attach()
+    assert {module.algo for module in network.lora_modules.values()} == {"lora" if algo == "locon" else algo}
     network.multiplier = 0.7
     tokens, image = (t.to(dtype) for t in tiny_inputs())
     saved = snapshot(host)
@@ -403,9 +423,7 @@ def test_export_round_trip_in_kohya_layout():
     assert set(module.tensors) == {"lora_down.weight", "lora_up.weight"} and module.alpha == 1.0
     assert module.tensors["lora_down.weight"].dtype == torch.float16
     assert module.tensors["lora_down.weight"].shape == (2, 5, 3, 3)
-    exported.modules["lora_unet_missing"] = module
-    reloaded, unknown = network_from_weights(exported, tiny_targets(host))
-    assert unknown == ["lora_unet_missing"]
+    reloaded = network_from_weights(exported, tiny_targets(host))
     for name, original in network.lora_modules.items():
         assert rel_max_diff(reloaded.lora_modules[name].delta(), original.delta()) < 2e-3  # fp16 storage
 
@@ -422,9 +440,19 @@ def test_bad_shapes_name_the_module():
         ("lora_unet_lokr", layer, {"lokr_w1": randn(2, 2), "lokr_w2": randn(3, 5)}),
     ]
     for name, host_layer, tensors in cases:
-        weights = NetworkWeights({name: ModuleWeights(tensors, 1.0)})
-        with pytest.raises(LorakitError, match=name):
+        weights = NetworkWeights({name: ModuleWeights(tensors, 1.0)}, source="bad.safetensors")
+        with pytest.raises(LorakitError, match=rf"^bad\.safetensors: .*{name}"):
             network_from_weights(weights, [Target(name, host_layer, "unet", "transformer")])
+
+
+def test_module_without_a_target_is_named():
+    host = TinyHost()
+    weights = create_network(tiny_targets(host), NetworkSpec(algo="locon", dim=2, conv_dim=2)).to_weights()
+    weights.modules["lora_unet_missing"] = weights.modules["lora_unet_linear"]
+    expected = "the network: made for an unknown architecture, the model is sd1: 1 of 8 modules match no target of the model (lora_unet_missing)"
+    with pytest.raises(LorakitError) as excinfo:
+        network_from_weights(weights, tiny_targets(host), "sd1")
+    assert str(excinfo.value) == expected
 
 
 def test_spec_rejects_bad_options():

@@ -85,8 +85,7 @@ def _fixed_loss(adapter, weights=None) -> float:
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
     network = None
     if weights is not None:
-        network, unknown = network_from_weights(weights, adapter.targets())
-        assert not unknown
+        network = network_from_weights(weights, adapter.targets(), adapter.arch)
         network.attach()
     try:
         with torch.no_grad():
@@ -123,7 +122,7 @@ def test_overfitting_one_image_learns_its_colour_and_shape(adapter, tmp_path):
     base_loss, trained_loss = _fixed_loss(adapter), _fixed_loss(adapter, weights)
     print(f"fixed-batch loss {base_loss:.4f} -> {trained_loss:.4f}")
     assert trained_loss < 0.8 * base_loss
-    network, _ = network_from_weights(weights, adapter.targets())
+    network = network_from_weights(weights, adapter.targets(), adapter.arch)
     network.attach()
     try:
         images = to_uint8(sample(adapter, [TRIGGER] * 4, 0, steps=12, cfg_scale=4.0, width=SIZE, height=SIZE))
@@ -291,7 +290,7 @@ def test_cancel_writes_nothing_and_mixed_precision_runs(adapter, tmp_path):
 def test_network_b_trains_on_top_of_a_frozen_network_a(adapter, tmp_path):
     """The copier method's shape: A attached (frozen) under the B being trained; A stays as the caller left it."""
     first = train(_config(tmp_path / "a", max_train_steps=2, output_name="a"), adapter)
-    network_a, _ = network_from_weights(load_network(first.output), adapter.targets())
+    network_a = network_from_weights(load_network(first.output), adapter.targets(), adapter.arch)
     network_a.attach().requires_grad_(False)
     factors_a = {k: v.clone() for k, v in network_a.state_dict().items()}
     try:

@@ -105,7 +105,7 @@ def load_network(path: PathLike, *, layout: naming.UNetLayout | None = None) -> 
             raise LorakitError(f"{path}: module {canonical} appears twice (as {name} and in another spelling)")
         modules[canonical] = _module_weights(canonical, parts, path)
     metadata = safetensors_io.read_metadata(path) if _is_safetensors(path) else {}
-    return NetworkWeights(modules, metadata)
+    return NetworkWeights(modules, metadata, str(path))
 
 
 def _is_safetensors(path: PathLike) -> bool:
@@ -127,8 +127,9 @@ def _group_by_module(tensors: Mapping[str, torch.Tensor], path: PathLike) -> dic
             raise LorakitError(f"{path}: module {name} has {suffix} twice (key {key})")
         parts[suffix] = tensor
     if unknown:
-        shown = ", ".join(sorted(unknown)[:3]) + (", ..." if len(unknown) > 3 else "")
-        raise LorakitError(f"{path}: {len(unknown)} keys that are not LoRA/LoCon/LoHa/LoKr tensors: {shown}")
+        raise LorakitError(
+            f"{path}: {len(unknown)} keys that are not LoRA/LoCon/LoHa/LoKr tensors: {_first_few(sorted(unknown))}"
+        )
     return grouped
 
 
@@ -532,32 +533,38 @@ def _sorted_values(values: Iterable) -> list:
 # --- applying to a model -------------------------------------------------------------------------------------------
 
 
-def match_to_targets(
-    weights: NetworkWeights,
-    targets: Mapping[str, tuple[int, ...]],
-    path: PathLike,
-    model_arch: str | None = None,
-) -> dict[str, ModuleWeights]:
-    """Every module of ``weights`` paired with a target of the model (kohya name -> target weight shape).
-
-    Raises when any module has no target (naming which architecture the file is for and which the model is) or
-    when a module's delta cannot take its target's shape.
-    """
+def check_fits_model(
+    weights: NetworkWeights, targets: Mapping[str, tuple[int, ...]], model_arch: str | None = None
+) -> None:
+    """Raise one line unless every module of ``weights`` has a target (kohya name -> target weight shape) its delta
+    fits: naming the file, the file's architecture and the model's, how many modules have no target and how many
+    do not fit, with the first few of each."""
     unmatched = [name for name in weights.modules if name not in targets]
+    misfits = [
+        name
+        for name, module in weights.modules.items()
+        if name in targets and _delta_rows_and_size(module) != (targets[name][0], math.prod(targets[name]))
+    ]
+    if not unmatched and not misfits:
+        return
+    total = len(weights.modules)
+    problems = []
     if unmatched:
-        file_arch = network_arch(weights) or "an unknown architecture"
-        model = f"the model is {model_arch}" if model_arch else "the model differs"
-        raise LorakitError(
-            f"{path}: {len(unmatched)} of {len(weights.modules)} modules match no target of the model "
-            f"(the file is for {file_arch}, {model}), e.g. {unmatched[0]}"
+        problems.append(f"{len(unmatched)} of {total} modules match no target of the model ({_first_few(unmatched)})")
+    if misfits:
+        name = misfits[0]
+        problems.append(
+            f"{len(misfits)} of {total} modules do not fit the model's weights (e.g. {name} makes a delta of "
+            f"{_describe_delta(weights.modules[name])} but the model's weight is {tuple(targets[name])})"
         )
-    for name, module in weights.modules.items():
-        shape = tuple(targets[name])
-        if _delta_rows_and_size(module) != (shape[0], math.prod(shape)):
-            raise LorakitError(
-                f"{path}: module {name} makes a delta of {_describe_delta(module)} but the model's weight is {shape}"
-            )
-    return dict(weights.modules)
+    archs = f"made for {network_arch(weights) or 'an unknown architecture'}"
+    if model_arch:
+        archs += f", the model is {model_arch}"
+    raise LorakitError(f"{weights.label}: {archs}: {'; '.join(problems)}")
+
+
+def _first_few(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _delta_rows_and_size(module: ModuleWeights) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lorakit_ext.errors import LorakitError
+from lorakit_ext.formats.kohya import check_fits_model
 from lorakit_ext.models.base import Block, Target
 from lorakit_ext.networks.modules import NetworkModule, module_from_weights, new_module
 from lorakit_ext.networks.weights import ModuleWeights, NetworkWeights
@@ -198,15 +199,23 @@ def create_network(targets: Sequence[Target], spec: NetworkSpec) -> Network:
 
 
 def network_from_weights(
-    weights: NetworkWeights, targets: Sequence[Target], dtype: torch.dtype = torch.float32
-) -> tuple[Network, list[str]]:
-    """A network holding a file's modules for the targets it names, and the module names no target has."""
+    weights: NetworkWeights,
+    targets: Sequence[Target],
+    model_arch: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Network:
+    """A network holding every module of ``weights`` (copied as ``dtype``) on the model's targets.
+
+    A module without a target or whose delta cannot take its target's shape is an error naming the file, its
+    architecture and ``model_arch`` (the model's) and how many modules do not match, as one line.
+    """
     by_name = {target.name: target for target in targets}
-    unknown = [name for name in weights.modules if name not in by_name]
-    modules = [
-        module_from_weights(by_name[name], module, dtype) for name, module in weights.modules.items() if name in by_name
-    ]
-    return Network(modules), unknown
+    check_fits_model(weights, {name: target.shape for name, target in by_name.items()}, model_arch)
+    try:
+        modules = [module_from_weights(by_name[name], module, dtype) for name, module in weights.modules.items()]
+    except LorakitError as error:
+        raise LorakitError(f"{weights.label}: {error}") from None
+    return Network(modules)
 
 
 class _HostForward:

@@ -148,14 +148,24 @@ class ModuleWeights:
 
 @dataclass
 class NetworkWeights:
-    """A whole network: kohya module name ("lora_unet_...", "lora_te_...", "lora_te1_...") -> its weights."""
+    """A whole network: kohya module name ("lora_unet_...", "lora_te_...", "lora_te1_...") -> its weights.
+
+    ``source`` is the file it was read from, so an error found later (it does not fit the model) can name the file;
+    None for a network built in memory (a merge, a trained network).
+    """
 
     modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What error messages call this network: its file, else "the network"."""
+        return self.source or "the network"
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> NetworkWeights:
         modules = {name: module.to(dtype=dtype, device=device) for name, module in self.modules.items()}
-        return NetworkWeights(modules, dict(self.metadata))
+        return NetworkWeights(modules, dict(self.metadata), self.source)
 
 
 def _lokr_has_factor(names: dict[str, Tensor], which: str) -> bool:

@@ -317,9 +317,7 @@ def grid_operation(files: list[str], weights: tuple[float, ...] = GRID_WEIGHTS, 
 
         rows = []
         for number, path in enumerate(networks):
-            network, unknown = network_from_weights(load_network(path), adapter.targets())
-            if unknown:
-                raise LorakitError(f"{path.name}: {len(unknown)} modules do not fit the loaded model ({unknown[0]})")
+            network = network_from_weights(load_network(path), adapter.targets(), adapter.arch)
             network.to(adapter.device).eval().attach()
             try:
                 with torch.no_grad():
