@@ -394,7 +394,14 @@ def test_training_on_the_loaded_model_leaves_it_bit_for_bit_on_every_outcome(web
     assert record.job.status == outcome, record.job.error
     if outcome == "failed":
         assert record.job.error == "RuntimeError: CUDA out of memory (stand-in)"
-    assert 2 <= len(predictions) <= (4 if outcome == "done" else 3)
+    assert len(predictions) == (4 if outcome == "done" else 2)  # the job ended at the step it was told to
+    listed = webui.networks.available_networks.get("bits")
+    if outcome in ("done", "stopped"):  # saved, and the refreshed Lora list shows the file with its metadata
+        assert listed is not None and Path(listed.filename) == webui.lora_dir / "lorakit" / "bits.safetensors"
+        assert listed.metadata["ss_output_name"] == "bits" and listed.alias == "bits"
+        assert int(listed.metadata["ss_steps"]) == len(predictions)
+    else:
+        assert listed is None
     assert model_checksum([toy_ldm]) == checksum
     after = _bits(toy_ldm)
     assert after.keys() == before.keys()

@@ -1,6 +1,10 @@
 """Stand-in of ``extensions-builtin/Lora/networks.py`` (WebUI 1.10.1): the Lora list and the weight backups the
-built-in Lora keeps on each patched layer (``network_weights_backup``, ``network_current_names``)."""
+built-in Lora keeps on each patched layer (``network_weights_backup``, ``network_current_names``). Each entry reads
+its file's metadata the way ``network.NetworkOnDisk`` does (``sd_models.read_metadata_from_safetensors``: the
+header's ``__metadata__``, values starting with ``{`` decoded as JSON; unreadable files get ``{}``), and its alias
+is ``ss_output_name`` when present."""
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -22,9 +26,29 @@ def list_available_networks():
         for filename in sorted(files):
             if filename.endswith((".safetensors", ".pt", ".ckpt")):
                 name = os.path.splitext(filename)[0]
-                entry = SimpleNamespace(name=name, alias=name, filename=os.path.join(folder, filename), metadata={})
+                path = os.path.join(folder, filename)
+                metadata = read_metadata(path) if filename.endswith(".safetensors") else {}
+                entry = SimpleNamespace(name=name, alias=metadata.get("ss_output_name", name), filename=path,
+                                        metadata=metadata)
                 available_networks[name] = entry
                 available_network_aliases[name] = entry
+                available_network_aliases[entry.alias] = entry
+
+
+def read_metadata(path):
+    try:
+        with open(path, "rb") as file:
+            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+    except (OSError, ValueError):  # the WebUI reports the error and lists the file without metadata
+        return {}
+    metadata = dict(header.get("__metadata__", {}))
+    for key, value in metadata.items():
+        if isinstance(value, str) and value.startswith("{"):
+            try:
+                metadata[key] = json.loads(value)
+            except ValueError:
+                pass
+    return metadata
 
 
 def network_restore_weights_from_backup(self):
