@@ -10,6 +10,7 @@ from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats.kohya import load_network, save_network
 from lorakit_ext.merge.algebra import merge_networks
 from lorakit_ext.merge.lowrank import guess_shape, khatri_rao_rows, low_rank
+from lorakit_ext.merge.svd import RankRule, merge_compressed
 from lorakit_ext.networks.weights import ModuleWeights, NetworkWeights
 
 torch.set_num_threads(1)
@@ -152,3 +153,20 @@ def test_progress_reports_every_module():
     calls = []
     merge_networks(three_networks(), [1, 1, 1], progress=lambda done, total, name: calls.append((done, total, name)))
     assert calls == [(1, 2, LINEAR), (2, 2, CONV)]
+
+
+def test_inputs_for_different_architectures_are_refused():
+    """SD1 and SDXL names hardly overlap, so no shape clashes: the architectures themselves must be compared."""
+    sd1 = NetworkWeights({"lora_unet_down_blocks_0_attentions_0_proj_in": lora_module(torch.ones(2, 4, 1, 1),
+                                                                                     torch.ones(4, 2, 1, 1))})
+    sdxl = NetworkWeights({"lora_te1_text_model_encoder_layers_0_mlp_fc1": lora_module(torch.ones(2, 4), torch.ones(4, 2))})
+    unknown = NetworkWeights({LINEAR: module_of("lora", SHAPES[LINEAR], 1)})  # too small to tell: passes
+    message = r"^--models: the inputs are for different architectures: b\.safetensors is sdxl, a\.safetensors is sd1, "
+    for merge in (merge_networks, lambda *a, **k: merge_compressed(*a, RankRule(rank=1), **k)):
+        with pytest.raises(LorakitError, match=message + "c is of unknown architecture$"):
+            merge([sdxl, sd1, unknown], [1.0, -1.0, 1.0], sources=["b.safetensors", "a.safetensors", "c"])
+    assert set(merge_networks([sd1, unknown], [1.0, 1.0]).modules) == set(sd1.modules) | set(unknown.modules)
+    sd2 = NetworkWeights({"lora_unet_down_blocks_0_attentions_0_proj_in": lora_module(torch.ones(2, 4),
+                                                                                     torch.ones(4, 2))})
+    v2 = NetworkWeights(dict(sd2.modules), {"ss_v2": "True", "ss_v_parameterization": "True"})
+    assert len(merge_networks([sd2, v2], [1.0, 1.0]).modules) == 1  # v-prediction changes no weight

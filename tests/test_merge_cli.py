@@ -7,6 +7,7 @@ import safetensors.torch
 import torch
 
 from lorakit_ext.cli import main
+from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import load_network, save_network
 from tests.test_merge_checkpoint import ATTN, CONV, TEXT, TOY, lora_for, target_table
 
@@ -60,7 +61,7 @@ def test_merge_exact_and_recompressed(capsys, tmp_path, two_loras, table):
     assert merged_from[0]["sshs_model_hash"] == load_network(b).metadata["sshs_model_hash"]
 
 
-def test_resize_dynamic(capsys, tmp_path, two_loras):
+def test_resize_dynamic(capsys, tmp_path, two_loras, table):
     out = tmp_path / "resized.safetensors"
     code, summary, _ = run_cli(
         capsys, "resize", "--model", two_loras[0], "--dynamic", "sv_fro:0.9", "--save_to", out, "--verbose"
@@ -74,9 +75,19 @@ def test_resize_dynamic(capsys, tmp_path, two_loras):
         "--save_to", kohya_spelling, "--verbose",
     )
     assert code == 0 and same["per_module"] == summary["per_module"]
-    for name, (rank, retained, error) in summary["per_module"].items():
-        assert resized.modules[name].rank == rank and retained >= 0.9**2 - 1e-6
-        assert error == pytest.approx((1 - retained) ** 0.5, abs=1e-5)
+    # sv_fro:0.9 is kohya's: 0.9 of the Frobenius norm (0.81 of the energy) kept in every module, as reported
+    for name, row in summary["per_module"].items():
+        assert resized.modules[name].rank == row["rank"] and row["retained_frobenius"] >= 0.9 - 1e-6
+        assert row["retained_frobenius"] == pytest.approx(row["retained_energy"] ** 0.5, abs=1e-5)
+        assert row["relative_error"] == pytest.approx((1 - row["retained_energy"]) ** 0.5, abs=1e-5)
+        shape = table[name][2]
+        exact = delta_of(two_loras[0], name, table).double()
+        kept = float(delta_of(out, name, table).double().norm() / exact.norm())
+        assert row["retained_frobenius"] == pytest.approx(kept, abs=1e-3), name  # ||ΔW_k|| / ||ΔW||, fp16 file
+        singular = torch.linalg.svdvals(exact.reshape(shape[0], -1))
+        fro = (singular**2).cumsum(0).sqrt() / singular.norm()
+        assert row["rank"] == int((fro < 0.9).sum()) + 1  # the fewest singular values reaching 0.9
+    assert summary["retained_frobenius"] == pytest.approx(summary["retained_energy"] ** 0.5, abs=1e-5)
     assert resized.metadata["ss_network_dim"] in ("Dynamic", "1", "2", "3", "4")
 
 
@@ -133,3 +144,22 @@ def test_resize_to_a_file_size(capsys, tmp_path, two_loras):
     assert summary["rank_max"] > 1 and summary["relative_error"] > 0
     code, _, err = run_cli(capsys, "resize", "--model", two_loras[0], "--dynamic", "size:4KB", "--save_to", out)
     assert code == 2 and "too small" in err
+
+
+def test_merge_into_records_each_lora_with_ratio_and_hash(capsys, tmp_path, two_loras):
+    """A LoRA file without hash metadata gets the hash the WebUI computes for it (sha256 of the tensor bytes)."""
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(safetensors.torch.load_file(two_loras[1]), plain)
+    merged = tmp_path / "toy_merged.safetensors"
+    code, _, _ = run_cli(
+        capsys, "merge-into", "--checkpoint", TOY, "--models", two_loras[0], plain, "--ratios", 0.5, -0.25,
+        "--save_to", merged,
+    )
+    assert code == 0
+    metadata = safetensors.safe_open(merged, "pt").metadata()
+    recorded = [(m["file"], m["ratio"], m["sshs_model_hash"]) for m in json.loads(metadata["lorakit_merged_loras"])]
+    assert recorded == [
+        ("b.safetensors", 0.5, load_network(two_loras[0]).metadata["sshs_model_hash"]),
+        ("plain.safetensors", -0.25, safetensors_io.file_model_hash(plain)),
+    ]
+    assert len(recorded[1][2]) == 64 and json.loads(metadata["lorakit_merged_into"])["name"] == TOY.name

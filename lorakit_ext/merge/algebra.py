@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.kohya import all_finite
+from lorakit_ext.formats.kohya import all_finite, network_arch
 from lorakit_ext.merge.lowrank import LowRank, guess_shape, low_rank
 from lorakit_ext.networks.weights import LORA_DOWN, LORA_UP, ModuleWeights, NetworkWeights
 
@@ -30,7 +30,7 @@ def low_rank_terms(
 ) -> dict[str, list[LowRank]]:
     """Per module name (in order of first appearance), each input's term with its ratio folded into ``scale``.
 
-    Checked across inputs: every module's delta must have the same rows and columns in every input that has it
+    Checked across inputs: all are for one architecture (``check_architectures``); every module's delta must have the same rows and columns in every input that has it
     (else one error listing the modules); a module's shape comes from ``shapes`` (a checkpoint's), else from any
     input that tells it, else from its name (``guess_shape``).
     """
@@ -39,6 +39,7 @@ def low_rank_terms(
     if not networks:
         raise LorakitError("--models: nothing to merge")
     sources = sources or [f"input {i + 1}" for i in range(len(networks))]
+    check_architectures(networks, sources)
     terms: dict[str, list[LowRank]] = {}
     for network, ratio, source in zip(networks, ratios, sources):
         for name, module in network.modules.items():
@@ -66,6 +67,20 @@ def low_rank_terms(
         for term in ts:
             term.shape = shape
     return terms
+
+
+def arch_family(arch: str | None) -> str | None:
+    """sd1 / sd2 / sdxl: v-prediction (sd2-v) changes no weight's shape or name, so it merges with sd2."""
+    return "sd2" if arch == "sd2-v" else arch
+
+
+def check_architectures(networks: Sequence[NetworkWeights], sources: Sequence[str]) -> None:
+    """Refuse inputs made for different architectures (SD1 and SDXL names hardly overlap, so without this check
+    their merge would be a mixed file, not a shape error). Inputs whose architecture can't be told pass."""
+    archs = [arch_family(network_arch(network)) for network in networks]
+    if len({arch for arch in archs if arch is not None}) > 1:
+        listed = ", ".join(f"{source} is {arch or 'of unknown architecture'}" for source, arch in zip(sources, archs))
+        raise LorakitError(f"--models: the inputs are for different architectures: {listed}")
 
 
 def concat(terms: Sequence[LowRank], dtype: torch.dtype = torch.float32) -> LowRank:
@@ -127,18 +142,21 @@ def merged_metadata(
     """What a merged file records of its sources: names, ratios and model hashes (``ss_merged_from``), plus the
     fields every source agrees on that describe the base model (``ss_sd_model_name``, ``ss_v2``, ...)."""
     sources = sources or [f"input {i + 1}" for i in range(len(networks))]
-    merged_from = [
-        {
-            "name": n.metadata.get("ss_output_name", source),
-            "file": source,
-            "ratio": float(ratio),
-            "sshs_model_hash": n.metadata.get("sshs_model_hash", ""),
-        }
-        for n, ratio, source in zip(networks, ratios, sources)
-    ]
+    merged_from = [network_record(n, ratio, source) for n, ratio, source in zip(networks, ratios, sources)]
     shared = {}
     for key in ("ss_sd_model_name", "ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.resolution"):
         values = {n.metadata.get(key) for n in networks}
         if len(values) == 1 and None not in values:
             shared[key] = values.pop()
     return {**shared, "ss_merged_from": json.dumps(merged_from)}
+
+
+def network_record(network: NetworkWeights, ratio: float, source: str) -> dict[str, object]:
+    """How a merged file names one input: its output name, file, ratio and ``sshs_model_hash`` (the hash the
+    WebUI shows for a Lora; "" when the input's metadata lacks it and it was not computed on loading)."""
+    return {
+        "name": network.metadata.get("ss_output_name", source),
+        "file": source,
+        "ratio": float(ratio),
+        "sshs_model_hash": network.metadata.get("sshs_model_hash", ""),
+    }

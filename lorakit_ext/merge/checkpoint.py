@@ -17,8 +17,8 @@ from torch import Tensor
 
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
-from lorakit_ext.formats.kohya import all_finite
-from lorakit_ext.merge.algebra import Progress, concat, low_rank_terms, to_module
+from lorakit_ext.formats.kohya import STALE_KEYS, all_finite, network_arch
+from lorakit_ext.merge.algebra import Progress, arch_family, concat, low_rank_terms, network_record, to_module
 from lorakit_ext.merge.svd import RankRule, Report, Spectrum, file_overhead_bytes, recompress_all
 from lorakit_ext.models import naming
 from lorakit_ext.networks.weights import NetworkWeights
@@ -71,20 +71,31 @@ def merge_into_checkpoint(
     """Write ``checkpoint`` with W += sum ratio_i * ΔW_i to ``save_to``; return a summary.
 
     Sums are accumulated in fp32 on ``device``; changed weights are saved in ``save_dtype`` (default: their own),
-    and so is every other floating tensor when ``save_dtype`` is given; everything else is copied unchanged.
+    and so is every other floating tensor when ``save_dtype`` is given; everything else is copied unchanged. The
+    checkpoint's metadata is kept but for its hashes, which described the input's bytes; ``lorakit_merged_into``
+    names the input with its hash, ``lorakit_merged_loras`` each network with its ratio and hash.
     """
     state = safetensors_io.load_tensors(checkpoint)
+    arch = checkpoint_arch(state, checkpoint)
     table = target_table(state, checkpoint)
     sources = list(sources or [f"input {i + 1}" for i in range(len(networks))])
-    for network, source in zip(networks, sources):
+    families = [arch_family(network_arch(network)) for network in networks]
+    for network, source, family in zip(networks, sources, families):
         unmatched = sorted(set(network.modules) - set(table))
         if unmatched:
             raise LorakitError(
-                f"{source}: {len(unmatched)} of {len(network.modules)} modules match no weight of {checkpoint} "
-                f"(another architecture?): {', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
+                f"{source} ({family or 'unknown architecture'}): {len(unmatched)} of {len(network.modules)} modules "
+                f"match no weight of the {arch} checkpoint {checkpoint}: "
+                f"{', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
             )
     shapes = {name: shape for name, (_, _, shape) in table.items()}
-    terms = low_rank_terms(networks, ratios, shapes, sources)
+    try:
+        terms = low_rank_terms(networks, ratios, shapes, sources)
+    except LorakitError as error:  # names match across SD1 and SD2: a shape clash is where that shows
+        foreign = [f"{source} is {family}" for source, family in zip(sources, families) if family not in (None, arch)]
+        if foreign:
+            raise LorakitError(f"{error} ({', '.join(foreign)}; {checkpoint} is {arch})") from None
+        raise
     sums: dict[str, Tensor] = {}  # checkpoint key -> fp32 weight being summed into
     for done, (name, module_terms) in enumerate(terms.items(), 1):
         key, rows, shape = table[name]
@@ -104,11 +115,10 @@ def merge_into_checkpoint(
                 raise LorakitError(f"{save_to}: {key} would hold NaN/Inf after the merge (ratios too large?)")
         elif save_dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(save_dtype).contiguous()
-    metadata = safetensors_io.read_metadata(checkpoint) if Path(checkpoint).suffix == ".safetensors" else {}
-    merged = [
-        {"file": source, "ratio": float(ratio), "sshs_model_hash": network.metadata.get("sshs_model_hash", "")}
-        for network, ratio, source in zip(networks, ratios, sources)
-    ]
+    # The input's hashes describe the input's bytes, not these: dropped (the WebUI hashes the new file itself).
+    metadata = {key: value for key, value in checkpoint_metadata(checkpoint).items() if key not in STALE_KEYS}
+    metadata["lorakit_merged_into"] = json.dumps(source_record(checkpoint))
+    merged = [network_record(network, ratio, source) for network, ratio, source in zip(networks, ratios, sources)]
     metadata["lorakit_merged_loras"] = json.dumps(merged)
     safetensors_io.save_tensors_atomic(save_to, state, metadata)
     return {"checkpoint": str(checkpoint), "save_to": str(save_to), "modules": len(terms), "weights_changed": changed}
@@ -127,21 +137,26 @@ def extract_lora(
 ) -> tuple[NetworkWeights, Report]:
     """A LoRA approximating ``tuned - base`` (the best one of its ranks, per layer), with its error report.
 
-    Layers that did not change are left out. A fixed rank well below the layer's size uses ``torch.svd_lowrank``
-    (randomized; its reported error is still exact, as the kept part is an orthogonal projection of ΔW); dynamic
-    rules need the whole spectrum and use a full SVD.
+    Layers that did not change are left out. Where the rule needs only the leading singular values (a fixed rank,
+    or a dynamic rule capped by one, well below the layer's size) they come from a randomized SVD; otherwise
+    (uncapped, or ``sv_cumulative``) from an exact eigendecomposition on the smaller side (``dense_spectrum``).
+    The metadata names both checkpoints with their hashes (``ss_extracted_from``).
     """
     base_state = safetensors_io.load_tensors(base)
     tuned_state = safetensors_io.load_tensors(tuned)
     table = target_table(base_state, base)
-    problems = [
-        key
-        for key, _, _ in table.values()
-        if key not in tuned_state or tuned_state[key].shape != base_state[key].shape
-    ]
+    problems = []
+    for key in sorted({key for key, _, _ in table.values()}):
+        if key not in tuned_state:
+            problems.append(f"{key} (missing)")
+        elif tuned_state[key].shape != base_state[key].shape:
+            shapes = " vs ".join("x".join(map(str, state[key].shape)) for state in (base_state, tuned_state))
+            problems.append(f"{key} ({shapes})")
     if problems:
+        shown = "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
         raise LorakitError(
-            f"{tuned}: {len(problems)} weights missing or of another shape than in {base}: {problems[0]}"
+            f"{tuned}: {len(problems)} weights missing or of another shape than in {base} (different architectures?): "
+            f"{shown}"
         )
     spectra: dict[str, Spectrum] = {}
     for done, (name, (key, rows, shape)) in enumerate(table.items(), 1):
@@ -157,10 +172,10 @@ def extract_lora(
             raise LorakitError(f"{tuned}: {key} holds NaN/Inf")
         if not diff.any():
             continue
-        spectra[name] = dense_spectrum(diff.reshape(shape[0], -1), shape, rule.cap(shape) if not rule.dynamic else None)
+        spectra[name] = dense_spectrum(diff.reshape(shape[0], -1), shape, rule.singular_values_needed(shape))
     if not spectra:
         raise LorakitError(f"{tuned}: no targeted weight differs from {base}: nothing to extract")
-    metadata = {"ss_extracted_from": json.dumps({"base": Path(base).name, "tuned": Path(tuned).name})}
+    metadata = {"ss_extracted_from": json.dumps({"base": source_record(base), "tuned": source_record(tuned)})}
     terms, report = recompress_all(
         spectra,
         rule,
@@ -172,13 +187,44 @@ def extract_lora(
     return NetworkWeights(modules, metadata), report
 
 
-def dense_spectrum(matrix: Tensor, shape: tuple[int, ...], rank: int | None) -> Spectrum:
-    """The SVD of a dense 2-D ΔW, randomized when only ``rank`` values are wanted from a much larger layer."""
+def dense_spectrum(matrix: Tensor, shape: tuple[int, ...], wanted: int | None) -> Spectrum:
+    """The SVD of a dense 2-D ΔW, never a full SVD: randomized (``torch.svd_lowrank``, ``wanted`` + OVERSAMPLE
+    columns, POWER_ITERATIONS passes) when only ``wanted`` values are needed from a much larger layer, else exact
+    from the eigendecomposition of the Gram matrix of the smaller side (fp64; min(out, in)² values, not out x in).
+
+    Either way the kept part is an orthogonal projection of ΔW, so errors computed from the spectrum are exact.
+    """
     smallest = min(matrix.shape)
-    if rank is not None and 2 * (rank + OVERSAMPLE) < smallest:
-        u, s, v = torch.svd_lowrank(matrix, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
+    if wanted is not None and 2 * (wanted + OVERSAMPLE) < smallest:
+        u, s, v = torch.svd_lowrank(matrix, q=wanted + OVERSAMPLE, niter=POWER_ITERATIONS)
         # measured, not ||ΔW||² - sum s², which cancels catastrophically when ΔW is (nearly) of rank < q
         unseen = float((matrix - u @ (u.T @ matrix)).double().pow(2).sum())
         return Spectrum(u, s.double(), v.T, shape, unseen)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return Spectrum(u, s.double(), vh, shape)
+    return gram_spectrum(matrix, shape)
+
+
+def gram_spectrum(matrix: Tensor, shape: tuple[int, ...]) -> Spectrum:
+    """Every singular value and vector of ``matrix`` from eigh of M Mᵀ or Mᵀ M, whichever is smaller (fp64, so
+    the squaring loses nothing that fp32 ΔW holds); singular vectors of the other side are M v / s."""
+    wide = matrix.shape[0] <= matrix.shape[1]
+    m = matrix.double() if wide else matrix.double().T
+    eigenvalues, vectors = torch.linalg.eigh(m @ m.T)
+    eigenvalues, vectors = eigenvalues.flip(0).clamp(min=0.0), vectors.flip(1)
+    s = eigenvalues.sqrt()
+    other = vectors.T @ m  # = diag(s) @ (the other side's singular vectors)ᵀ
+    other = other / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+    left, right = (vectors, other) if wide else (other.T, vectors.T)
+    dtype = matrix.dtype
+    return Spectrum(left.to(dtype), s, right.to(dtype), shape)
+
+
+def checkpoint_metadata(path: PathLike) -> dict[str, str]:
+    return safetensors_io.read_metadata(path) if Path(path).suffix == ".safetensors" else {}
+
+
+def source_record(path: PathLike) -> dict[str, str]:
+    """A checkpoint's name and hash for a derived file's metadata: the hashes its metadata states (sshs / ModelSpec),
+    else the sha256 of the whole file (the WebUI's and Civitai's checkpoint hash), read once."""
+    stated = checkpoint_metadata(path)
+    hashes = {key: stated[key] for key in ("sshs_model_hash", "modelspec.hash_sha256") if stated.get(key)}
+    return {"name": Path(path).name, **(hashes or {"sha256": safetensors_io.file_sha256(path)})}

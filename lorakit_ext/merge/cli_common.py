@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 
 from lorakit_ext.errors import LorakitError
+from lorakit_ext.formats import safetensors_io
+from lorakit_ext.formats.kohya import load_network
 from lorakit_ext.merge.svd import DYNAMIC_METHODS, RankRule, parse_dynamic
+from lorakit_ext.networks.weights import NetworkWeights
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
@@ -38,7 +41,9 @@ def add_rank_arguments(parser: argparse.ArgumentParser, rank_flag: str, conv_fla
     parser.add_argument(
         "--clamp_quantile", type=float, default=None, help="clamp factors at this quantile (kohya's 0.99; default off)"
     )
-    parser.add_argument("--verbose", action="store_true", help="list each module's rank, retained energy and error")
+    parser.add_argument(
+        "--verbose", action="store_true", help="list each module's rank, retained Frobenius fraction and energy, error"
+    )
 
 
 def dynamic_spec(args: argparse.Namespace) -> str | None:
@@ -91,6 +96,18 @@ def ratios_for(models: list[str], ratios: list[float] | None) -> list[float]:
 
 def print_summary(summary: dict) -> None:
     print(json.dumps(summary), file=sys.stdout)
+
+
+def load_networks(paths: list[str], device: torch.device | str = "cpu") -> list[NetworkWeights]:
+    """The networks, each with its ``sshs_model_hash`` (computed from the file where its metadata lacks it), so
+    that merged files record every input's hash."""
+    networks = []
+    for path in paths:
+        network = load_network(path).to(device=device)
+        if not network.metadata.get("sshs_model_hash") and str(path).endswith(".safetensors"):
+            network.metadata["sshs_model_hash"] = safetensors_io.file_model_hash(path)
+        networks.append(network)
+    return networks
 
 
 def source_names(paths: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.formats.kohya import save_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.algebra import merge_networks
 from lorakit_ext.merge.svd import merge_compressed
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     device = cli_common.check_device(args.device)
     dtype = cli_common.PRECISIONS[args.save_precision]
     rule = cli_common.rank_rule(args.new_rank, args.new_conv_rank, args, "--new_rank")
-    networks = [load_network(path).to(device=device) for path in args.models]
+    networks = cli_common.load_networks(args.models, device)
     sources = cli_common.source_names(args.models)
     compress = rule.rank is not None or rule.conv_rank is not None or rule.dynamic is not None
     report = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from lorakit_ext.formats.kohya import load_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.checkpoint import merge_into_checkpoint
 
@@ -23,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     cli_common.check_inputs([args.checkpoint, *args.models], "--checkpoint/--models")
     device = cli_common.check_device(args.device)
     dtype = cli_common.PRECISIONS[args.save_precision] if args.save_precision else None
-    networks = [load_network(path) for path in args.models]
+    networks = cli_common.load_networks(args.models)
     summary = merge_into_checkpoint(
         args.checkpoint,
         networks,

@@ -7,7 +7,7 @@ import os
 import time
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.formats.kohya import save_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.svd import merge_compressed
 
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise LorakitError("resize needs --new_rank or --dynamic")
     device = cli_common.check_device(args.device)
     dtype = cli_common.PRECISIONS[args.save_precision]
-    network = load_network(args.model).to(device=device)
+    (network,) = cli_common.load_networks([args.model], device)
     resized, report = merge_compressed(
         [network],
         [1.0],

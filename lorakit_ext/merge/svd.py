@@ -29,7 +29,8 @@ class RankRule:
     """How many singular values to keep: a fixed ``rank`` (``conv_rank`` for kxk convs), or a ``dynamic`` rule
     capped by those ranks when given.
 
-    sv_ratio:X keeps s >= s_max / X; sv_fro:X the fewest giving ||ΔW_k||_F >= X ||ΔW||_F; sv_cumulative:X the
+    sv_ratio:X keeps s >= s_max / X; sv_fro:X the fewest giving ||ΔW_k||_F >= X ||ΔW||_F (a fraction of the
+    Frobenius norm, not of its square, as in kohya's resize_lora.py); sv_cumulative:X the
     fewest with sum(s_k) >= X sum(s); size:N (bytes, or with KB/MB/GB) spends a whole-network budget of N bytes of
     factors where it removes the most squared error per byte.
     """
@@ -43,8 +44,18 @@ class RankRule:
         kxk = shape is not None and len(shape) == 4 and tuple(shape[2:]) != (1, 1)
         return (self.conv_rank or self.rank) if kxk else self.rank
 
-    def keep(self, singular_values: Tensor, shape: tuple[int, ...] | None) -> int:
-        """How many of ``singular_values`` (descending) to keep under every rule but ``size``; at least one."""
+    def singular_values_needed(self, shape: tuple[int, ...] | None) -> int | None:
+        """How many leading singular values decide this rule for a layer of ``shape``; None: all of them
+        (no cap, or ``sv_cumulative``, whose denominator is the sum of every singular value)."""
+        return None if self.dynamic == "sv_cumulative" else self.cap(shape)
+
+    def keep(self, singular_values: Tensor, shape: tuple[int, ...] | None, energy: float | None = None) -> int:
+        """How many of ``singular_values`` (descending) to keep under every rule but ``size``; at least one.
+
+        ``energy`` is ||ΔW||_F² when ``singular_values`` are only the leading ones (a randomized SVD); sv_fro
+        then still compares against the whole norm, as kohya's does (sqrt of the cumulative sum of s² over the
+        sqrt of the total).
+        """
         s = singular_values.double()
         available = int(s.numel())
         cap = self.cap(shape) or available
@@ -53,8 +64,8 @@ class RankRule:
         if self.dynamic == "sv_ratio":
             kept = int((s >= s[0] / self.value).sum())
         elif self.dynamic == "sv_fro":
-            energy = torch.cumsum(s**2, 0) / (s**2).sum()
-            kept = int(torch.searchsorted(energy, torch.tensor(self.value**2, dtype=s.dtype) - 1e-12)) + 1
+            fraction = torch.cumsum(s**2, 0) / (energy if energy is not None else float((s**2).sum()))
+            kept = int(torch.searchsorted(fraction, torch.tensor(self.value**2, dtype=s.dtype) - 1e-12)) + 1
         else:
             fraction = torch.cumsum(s, 0) / s.sum()
             kept = int(torch.searchsorted(fraction, torch.tensor(self.value, dtype=s.dtype) - 1e-12)) + 1
@@ -179,23 +190,37 @@ def size_budget_ranks(
 
 @dataclass
 class Report:
-    """Per module (rank, retained fraction of ||ΔW||_F², relative Frobenius error) and the network's totals."""
+    """Per module (rank, retained energy, relative Frobenius error) and the network's totals.
+
+    Retained energy = 1 - ||ΔW - ΔW_k||_F² / ||ΔW||_F² (for a plain truncation, ||ΔW_k||_F² / ||ΔW||_F²); the
+    retained Frobenius fraction is its square root, the quantity ``--dynamic sv_fro`` and kohya's "fro retained"
+    speak of.
+    """
 
     modules: dict[str, tuple[int, float, float]]
     retained: float
     relative_error: float
 
     def summary(self, per_module: bool = False) -> dict:
-        """Totals and the spread of ranks (plus each module's [rank, retained, error] when ``per_module``)."""
+        """Totals and the spread of ranks (plus, when ``per_module``, each module's labelled figures)."""
         ranks = [rank for rank, _, _ in self.modules.values()]
         summary = {
+            "retained_frobenius": round(math.sqrt(self.retained), 6),
             "retained_energy": round(self.retained, 6),
             "relative_error": round(self.relative_error, 6),
             "rank_min": min(ranks),
             "rank_max": max(ranks),
         }
         if per_module:
-            summary["per_module"] = {name: [r, round(kept, 6), round(e, 6)] for name, (r, kept, e) in self.modules.items()}
+            summary["per_module"] = {
+                name: {
+                    "rank": rank,
+                    "retained_frobenius": round(math.sqrt(kept), 6),
+                    "retained_energy": round(kept, 6),
+                    "relative_error": round(error, 6),
+                }
+                for name, (rank, kept, error) in self.modules.items()
+            }
         return summary
 
 
@@ -212,7 +237,7 @@ def recompress_all(
     if rule.dynamic == "size":
         ranks = size_budget_ranks(spectra, rule, size_overhead_bytes, bytes_per_value)
     else:
-        ranks = {name: rule.keep(spec.s, spec.shape) for name, spec in spectra.items()}
+        ranks = {name: rule.keep(spec.s, spec.shape, spec.energy) for name, spec in spectra.items()}
     terms, rows = {}, {}
     total = lost = 0.0
     for name, spec in spectra.items():
