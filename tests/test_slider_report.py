@@ -56,7 +56,7 @@ def test_a_growing_shape_is_monotonic_without_drift_and_a_colour_change_is_caugh
 
 
 def test_sweep_summary_symmetry_and_the_no_effect_warning():
-    settings = SweepSettings(weights=WEIGHTS, prompts=("", "other"), seeds=(0, 1))
+    settings = SweepSettings(weights=WEIGHTS, prompts=("", "other"), seeds=(0, 1), toy_world=True)
     growing = _growing(SPEC)
     images = np.stack([np.stack([growing, growing]), np.stack([growing, growing])])
     metrics = sweep_metrics(images, settings)
@@ -69,6 +69,42 @@ def test_sweep_summary_symmetry_and_the_no_effect_warning():
     assert any("no visible effect" in w for w in flat["warnings"])
     picture = sweep_grid(images, settings, scale=1)
     assert picture.size[1] == 16 + 4 * 64 and picture.size[0] > 5 * 64
+
+
+def _with_corner_patch(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` with a blue square of ``side`` pixels near its top-left corner, away from the toy circle."""
+    patched = image.copy()
+    patched[2 : 2 + side, 2 : 2 + side] = (40, 70, 220)
+    return patched
+
+
+def test_off_toy_no_effect_is_judged_along_a_to_b_not_by_foreground_area(tmp_path):
+    from lorakit_ext.slider.demo import GROWTH, TOY_A, toy_pair_set
+
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    a_image, b_image = pair_set.pairs[0].a, pair_set.pairs[0].b
+    # a sweep that grows a patch the pairs never show: much foreground change, nothing along A -> B
+    elsewhere = np.stack([_with_corner_patch(a_image, side) for side in (0, 4, 8, 12, 16)])
+    toward_b = np.stack([render(with_extent(TOY_A, TOY_A.extent * g))[0] for g in (0.8, 0.9, 1.0, 1.3, GROWTH)])
+    for toy_world in (True, False):
+        settings = SweepSettings(weights=WEIGHTS, prompts=("",), seeds=(0, 1), toy_world=toy_world)
+        patch = sweep_metrics(np.stack([np.stack([elsewhere] * 2)]), settings, pair_set)
+        assert patch["summary"]["area_change_at_max_weight"] == pytest.approx((16**2 - 8**2) / 64**2, abs=0.005)
+        assert patch["summary"]["effect_along_ab"] == pytest.approx([0.0] * 5, abs=1e-6)
+        grows = sweep_metrics(np.stack([np.stack([toward_b] * 2)]), settings, pair_set)
+        assert grows["summary"]["effect_along_ab"][-1] == pytest.approx(1.0) and grows["warnings"] == []
+        if toy_world:
+            assert patch["warnings"] == []  # the toy world's measure: the foreground grew
+        else:
+            assert patch["warnings"] == [
+                "the LoRA has no visible effect: the images move +0.000 / +0.000 of the way from A to B at weight -1 / 1"
+            ]
+    assert np.array_equal(toward_b[-1], b_image)
+    # without pairs there is no direction: the mean pixel change decides
+    settings = SweepSettings(weights=WEIGHTS, prompts=("",), seeds=(0,))
+    assert sweep_metrics(np.stack([np.stack([elsewhere])]), settings)["warnings"] == []
+    still = sweep_metrics(np.broadcast_to(a_image, (1, 1, 5, *a_image.shape)), settings)["warnings"]
+    assert still == ["the LoRA has no visible effect: the mean pixel change at the ends is 0.00 of 255"]
 
 
 def test_sweep_settings_need_weight_zero():

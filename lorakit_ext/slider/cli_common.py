@@ -62,6 +62,7 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
             cfg_scale=args.report_cfg_scale,
             width=width,
             height=height,
+            toy_world=not config.pretrained_model_name_or_path,  # no --model: the toy model (load_adapter)
         )
     if args.dry_run:
         plan = {"method": method, "pairs": [p.name for p in pair_set.pairs], "unmatched": pair_set.unmatched,

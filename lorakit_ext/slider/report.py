@@ -28,12 +28,17 @@ DEFAULT_PROMPTS = ("", "a blue square", "a green triangle on a black background"
 DEFAULT_SEEDS = (0, 1, 2)
 MONOTONIC_RHO = 0.9  # a run counts as monotonic at or above this Spearman rho
 NO_EFFECT_AREA = 0.002  # foreground-area change (fraction of the image) below which a weight did nothing visible
+# effect along A -> B (1 = the whole mean B - A change) below which the ends of the sweep did nothing (real models)
+NO_EFFECT_ALONG_AB = 0.02
+NO_EFFECT_PIXELS = 0.5  # mean |change| (0-255) below which the ends did nothing, when there is no pair to project on
 MIN_SATURATION = 0.25  # below this the foreground has no meaningful hue (white, black, gray shapes)
 
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """What the report renders: every weight for every prompt and seed, with the sampler settings."""
+    """What the report renders: every weight for every prompt and seed, with the sampler settings. ``toy_world``:
+    the images are toy-world shapes on plain backgrounds, so "no effect" is judged by foreground area; otherwise
+    by the change along the A -> B pixel direction (foreground area means nothing on a photograph)."""
 
     weights: tuple[float, ...] = DEFAULT_WEIGHTS
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
@@ -43,6 +48,7 @@ class SweepSettings:
     sampler: str = "euler"
     width: int = 64
     height: int = 64
+    toy_world: bool = False
 
     def __post_init__(self) -> None:
         if 0.0 not in self.weights:
@@ -197,9 +203,8 @@ def sweep_metrics(images: np.ndarray, settings: SweepSettings, pair_set=None) ->
     }
     if pair_set is not None:
         summary.update(pair_metrics(images, settings, pair_set))
-    warnings = []
-    if max(abs(float(np.median(up))), abs(float(np.median(down)))) < NO_EFFECT_AREA:
-        warnings.append("the LoRA has no visible effect: the foreground area barely changes from weight 0 to the ends")
+    area_medians = (float(np.median(down)), float(np.median(up)))
+    warning = no_effect_warning(images, settings, summary, area_medians)
     return {
         "weights": weights,
         "prompts": list(settings.prompts),
@@ -207,8 +212,35 @@ def sweep_metrics(images: np.ndarray, settings: SweepSettings, pair_set=None) ->
         "summary": summary,
         "per_prompt": per_prompt,
         "runs": runs,
-        "warnings": warnings,
+        "warnings": [] if warning is None else [warning],
     }
+
+
+def no_effect_warning(
+    images: np.ndarray, settings: SweepSettings, summary: dict, area_medians: tuple[float, float]
+) -> str | None:
+    """The warning for a LoRA whose ends of the sweep (lowest and highest weight) change nothing, or None. Toy world:
+    the median over runs of the foreground-area change (``area_medians``, at the lowest and highest weight); with
+    pairs: the effect along A -> B on the trained prompt; else the mean absolute pixel change."""
+    weights = list(settings.weights)
+    ends = (weights.index(min(weights)), weights.index(max(weights)))
+    if settings.toy_world:
+        if max(abs(a) for a in area_medians) < NO_EFFECT_AREA:
+            return "the LoRA has no visible effect: the foreground area barely changes from weight 0 to the ends"
+        return None
+    if "effect_along_ab" in summary:
+        effect = [summary["effect_along_ab"][i] for i in ends]
+        if max(abs(e) for e in effect) < NO_EFFECT_ALONG_AB:
+            return (
+                f"the LoRA has no visible effect: the images move {effect[0]:+.3f} / {effect[1]:+.3f} of the way"
+                f" from A to B at weight {min(weights):g} / {max(weights):g}"
+            )
+        return None
+    base = images[:, :, weights.index(0.0)].astype(np.float32)
+    change = max(float(np.abs(images[:, :, i].astype(np.float32) - base).mean()) for i in ends)
+    if change < NO_EFFECT_PIXELS:
+        return f"the LoRA has no visible effect: the mean pixel change at the ends is {change:.2f} of 255"
+    return None
 
 
 def render_sweep(adapter, network_weights, settings: SweepSettings, base_weights=None) -> np.ndarray:
@@ -222,10 +254,7 @@ def render_sweep(adapter, network_weights, settings: SweepSettings, base_weights
     from lorakit_ext.sampling import sample, to_uint8
 
     def attached(weights):
-        network, unknown = network_from_weights(weights, adapter.targets())
-        if unknown:
-            raise LorakitError(f"the network has {len(unknown)} modules this model lacks (e.g. {unknown[0]})")
-        return network.to(adapter.device).eval().attach()
+        return network_from_weights(weights, adapter.targets(), adapter.arch).to(adapter.device).eval().attach()
 
     prompts = [prompt for prompt in settings.prompts for _ in settings.seeds]
     seeds = [seed for _ in settings.prompts for seed in settings.seeds]
