@@ -9,10 +9,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lorakit_ext.formats.safetensors_io import read_metadata
 from lorakit_ext.slider.demo import toy_config, toy_pair_set
-from lorakit_ext.slider.methods import METADATA_METHOD, METADATA_SOURCES, PairPartners, copier, paired
+from lorakit_ext.slider.methods import (
+    COPY_SIMILARITY_MIN,
+    METADATA_METHOD,
+    METADATA_SOURCES,
+    PairPartners,
+    copier,
+    paired,
+)
 from lorakit_ext.slider.report import SweepSettings, render_sweep, sweep_metrics
 
 STEPS = 60  # per pass; the shortened version of the demo's training
@@ -60,11 +68,107 @@ def test_copier_slider_grows_the_circle_monotonically_on_the_training_prompt(ada
     assert np.all(np.diff(summary["effect_along_ab"]) > 0)  # monotonic along the A -> B pixel direction
 
 
-def test_paired_objective_trains_through_the_hook(adapter, tmp_path):
+def test_paired_trains_b_at_plus_w_and_a_at_minus_w_on_the_same_noise_and_timesteps(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.train.trainer import TrainingRun
+
+    calls = []
+    diffusion_loss = TrainingRun.diffusion_loss
+
+    def recorded(run, batch):
+        calls.append((run.network.multiplier, batch.noise.clone(), batch.timesteps.clone(), batch.latents.clone()))
+        return diffusion_loss(run, batch)
+
+    monkeypatch.setattr(TrainingRun, "diffusion_loss", recorded)
     pair_set = toy_pair_set(tmp_path / "pairs")
-    config = toy_config(pair_set, max_train_steps=2, train_batch_size=1)
+    config = toy_config(pair_set, max_train_steps=3, train_batch_size=1)
     result = paired(pair_set, config, adapter, tmp_path / "paired.safetensors", weight=0.5)
     assert result.output.is_file() and read_metadata(result.output)[METADATA_METHOD] == "paired"
+    assert len(calls) == 2 * 3
+    for (b_mult, b_noise, b_t, b_latents), (a_mult, a_noise, a_t, a_latents) in zip(calls[::2], calls[1::2]):
+        assert (b_mult, a_mult) == (0.5, -0.5)
+        assert torch.equal(b_noise, a_noise) and torch.equal(b_t, a_t)
+        assert (b_latents - a_latents).abs().mean() > 0.01  # B's image, then its A partner
+    assert not torch.equal(calls[0][1], calls[2][1])  # fresh noise each step, shared only within the pair
+
+
+def _zero_lora(adapter, config, path):
+    """A LoRA A that changes nothing: the base model, which does not copy the red circle."""
+    from lorakit_ext.formats.kohya import save_network
+    from lorakit_ext.slider.methods import _new_network
+
+    save_network(path, _new_network(config, adapter).to_weights(torch.float32), dtype=torch.float32, arch=adapter.arch)
+    return path
+
+
+def test_copier_reuses_a_given_a_and_warns_when_it_does_not_copy(adapter, tmp_path):
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    config = toy_config(pair_set, max_train_steps=1)
+    zero_a = _zero_lora(adapter, config, tmp_path / "zero_a.safetensors")
+    messages = []
+    result = copier(pair_set, config, adapter, tmp_path / "slider.safetensors", reuse_a=zero_a, verify_seeds=2,
+                    report=lambda message="", **_: messages.append(message))
+    assert not any(m.startswith("LoRA A:") for m in messages)  # A was loaded, not trained
+    assert any(m.startswith("LoRA B on A:") for m in messages) and result.kept_a is None
+    assert json.loads(read_metadata(result.output)["lorakit_slider_a"])["file"] == "zero_a.safetensors"
+    assert result.copy_similarity < COPY_SIMILARITY_MIN - 0.05
+    assert any(w.startswith("LoRA A does not copy the A images") for w in result.warnings)
+    assert any(m.startswith("warning: LoRA A does not copy") for m in messages)
+
+
+def test_difference_file_is_exactly_b_minus_a_at_rank_ra_plus_rb(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.slider import methods
+
+    recorded = {}
+    difference_weights = methods.difference_weights
+
+    def recording(weights_b, weights_a, **options):
+        recorded.update(b=weights_b, a=weights_a)
+        return difference_weights(weights_b, weights_a, **options)
+
+    monkeypatch.setattr(methods, "difference_weights", recording)
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    config = toy_config(pair_set, max_train_steps=3)
+    out, kept_a = tmp_path / "difference.safetensors", tmp_path / "a.safetensors"
+    result = methods.difference(pair_set, config, adapter, out, keep_a=kept_a)
+    assert result.output == out and result.saved == [out] and result.kept_a == kept_a
+    saved, lora_a, lora_b = load_network(out), load_network(kept_a), recorded["b"]
+    assert saved.metadata[METADATA_METHOD] == "difference" and set(saved.modules) == set(lora_a.modules)
+    differing = 0
+    for name, module in saved.modules.items():
+        torch.testing.assert_close(lora_a.modules[name].delta(), recorded["a"].modules[name].delta(), rtol=0, atol=0)
+        assert module.rank == lora_a.modules[name].rank + lora_b.modules[name].rank == 2 * config.network_dim
+        expected = lora_b.modules[name].delta() - lora_a.modules[name].delta()
+        differing += float(expected.abs().max()) > 0
+        torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-7)
+    # A and B trained apart, in all but a few modules (the toy mid block's attn1 to_q / to_k get no gradient)
+    assert differing >= 0.9 * len(saved.modules)
+
+
+def test_run_method_reports_every_saved_epoch_and_the_final_file(adapter, tmp_path):
+    from lorakit_ext.slider.methods import run_method
+    from lorakit_ext.slider.report import report_paths
+
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    config = toy_config(pair_set, max_train_steps=2, train_batch_size=1, save_every_n_epochs=1)  # 1 step an epoch
+    settings = SweepSettings(weights=(-1.0, 0.0, 1.0), prompts=("", "a blue square"), seeds=(0, 1), steps=2,
+                             toy_world=True)
+    files = []
+    out = tmp_path / "paired.safetensors"
+    result = run_method("paired", pair_set, config, adapter, out, settings,
+                        report=lambda **event: files.extend(event.get("files", [])))
+    epoch_file = tmp_path / "paired-000001.safetensors"
+    assert result.saved == [epoch_file, out]
+    for path, seeds in ((epoch_file, [0]), (out, [0, 1])):  # earlier saves: the first seed only
+        grid_path, json_path = report_paths(path)
+        assert str(grid_path) in files and str(json_path) in files
+        metrics = json.loads(json_path.read_text())
+        assert metrics["file"] == str(path) and metrics["method"] == "paired" and metrics["seeds"] == seeds
+        assert len(metrics["runs"]) == 2 * len(seeds) and "monotonic_fraction" in metrics["summary"]
+        width, height = Image.open(grid_path).size
+        assert height == 16 + 2 * len(seeds) * 64 * 2 and width > 3 * 64 * 2
+    assert result.metrics["seeds"] == [0, 1] and result.metrics["summary"] == json.loads(
+        report_paths(out)[1].read_text())["summary"]
 
 
 def test_pair_partner_follows_flips(tmp_path):

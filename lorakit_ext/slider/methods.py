@@ -48,10 +48,12 @@ Reporter = Callable[..., None]
 
 @dataclass
 class SliderResult:
-    """What a slider job produced. ``output`` is None when it was stopped before the final file."""
+    """What a slider job produced. ``output`` is None when it was stopped before the final file; ``saved`` is every
+    slider file the job wrote (per-epoch / per-step saves, then ``output``)."""
 
     method: str
     output: Path | None
+    saved: list[Path] = field(default_factory=list)
     kept_a: Path | None = None
     copy_similarity: float | None = None
     metrics: dict | None = None
@@ -114,7 +116,7 @@ def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], confi
     from lorakit_ext.sampling import sample, to_uint8
 
     width, height = config.resolution
-    network, _ = network_from_weights(weights, adapter.targets())
+    network = network_from_weights(weights, adapter.targets(), adapter.arch)
     network.to(adapter.device).eval().attach()
     try:
         images = to_uint8(
@@ -130,9 +132,7 @@ def _frozen_branch(weights, adapter):
     """Network A attached as an fp32 branch that training cannot change (B's wrapper stacks above it)."""
     from lorakit_ext.networks.network import network_from_weights
 
-    network, unknown = network_from_weights(weights, adapter.targets(), dtype=torch.float32)
-    if unknown:
-        raise LorakitError(f"LoRA A has {len(unknown)} modules this model lacks (e.g. {unknown[0]})")
+    network = network_from_weights(weights, adapter.targets(), adapter.arch, dtype=torch.float32)
     network.to(adapter.device).requires_grad_(False).eval()
     return network.attach()
 
@@ -210,7 +210,7 @@ def copier(
             trained = train_pass(run, adapter, data_b, out, _phase(report, "LoRA B on A"), token, hooks)
         finally:
             branch_a.detach()
-    result.output, result.stopped = trained.output, trained.stopped
+    result.output, result.saved, result.stopped = trained.output, list(trained.files), trained.stopped
     return result
 
 
@@ -296,7 +296,7 @@ def difference(
     metadata = slider_metadata("difference", pair_set, extra)
     save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
     report(message="difference saved", files=[str(out)])
-    result.output = out
+    result.output, result.saved = out, [out]
     return result
 
 
@@ -340,7 +340,7 @@ def paired(
         data_b = write_dataset(pair_set, "b", Path(temp) / "data_b", masked=masked)
         run = config.with_overrides({"masked_loss": masked}, source="slider")
         trained = train_pass(run, adapter, data_b, out, _phase(report, "paired LoRA"), token, hooks)
-    return SliderResult("paired", trained.output, stopped=trained.stopped)
+    return SliderResult("paired", trained.output, list(trained.files), stopped=trained.stopped)
 
 
 class PairPartners:
@@ -381,20 +381,31 @@ class PairPartners:
 def run_method(
     method: str, pair_set: PairSet, config, adapter, out: str | Path, report_settings=None, **options
 ) -> SliderResult:
-    """Run one method and, when ``report_settings`` (a ``SweepSettings``) is given, the slider report on its file.
-    The CLI verbs, the WebUI tab and the HTTP API all come through here."""
+    """Run one method and, when ``report_settings`` (a ``SweepSettings``) is given, the slider report on each file
+    it saved: the final file with ``report_settings``, each earlier save (``save_every_n_epochs`` / ``_steps``) with
+    its first seed only, so the epochs can be compared cheaply. The reports run after training, since the networks
+    being trained are attached to the model while it trains. The CLI verbs, the WebUI tab and the HTTP API all
+    come through here."""
     from lorakit_ext.slider.report import report_paths, slider_report
 
     functions = {"copier": copier, "difference": difference, "paired": paired}
     if method not in functions:
         raise LorakitError(f"slider method {method!r} is not one of {', '.join(METHODS)}")
     result = functions[method](pair_set, config, adapter, out, **options)
-    if result.output is not None and report_settings is not None:
-        reporter = options.get("report") or (lambda **_: None)
-        s = report_settings
-        reporter(message=f"slider report: {len(s.weights)} weights x {len(s.seeds)} seeds x {len(s.prompts)} prompts")
-        result.metrics = slider_report(adapter, result.output, report_settings, pair_set, method)
-        result.warnings += result.metrics["warnings"]
-        written = [str(path) for path in report_paths(result.output) if path.is_file()]
-        reporter(message="slider report written", files=written)
+    if report_settings is None:
+        return result
+    reporter = options.get("report") or (lambda **_: None)
+    earlier = dataclasses.replace(report_settings, seeds=report_settings.seeds[:1])
+    for path in result.saved:
+        if not path.is_file():  # an earlier save that save_last_n_epochs / _steps deleted
+            continue
+        settings = report_settings if path == result.output else earlier
+        sizes = f"{len(settings.weights)} weights x {len(settings.seeds)} seeds x {len(settings.prompts)} prompts"
+        reporter(message=f"slider report of {path.name}: {sizes}")
+        metrics = slider_report(adapter, path, settings, pair_set, method)
+        written = [str(report) for report in report_paths(path) if report.is_file()]
+        reporter(message=f"slider report of {path.name} written", files=written)
+        if path == result.output:
+            result.metrics = metrics
+            result.warnings += metrics["warnings"]
     return result
