@@ -87,3 +87,36 @@ def test_diffusers_loads_our_file_with_identical_deltas(tmp_path):
         theirs = injected.get_delta_weight(injected.active_adapters[0])
         ours = modules[name].delta(tuple(injected.base_layer.weight.shape))
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_folder_reads_with_peft_scales(tmp_path, use_rslora):
+    """A UNet adapter as PEFT saves it (adapter_model.safetensors + adapter_config.json): each module's delta equals
+    PEFT's own, lora_alpha / r, the rank and alpha patterns and rsLoRA included."""
+    import peft
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "proj_in"], init_lora_weights=False, use_rslora=use_rslora,
+        rank_pattern={"attn2.to_k": 2}, alpha_pattern={"proj_in": 3},
+    )
+    unet = peft.inject_adapter_in_model(config, unet)
+    config.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_model.safetensors"
+    safetensors.torch.save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in peft.get_peft_model_state_dict(unet).items()}, path
+    )
+
+    loaded = kohya.load_network(path)
+    injected = {p: m for p, m in unet.named_modules() if hasattr(m, "get_delta_weight")}
+    assert len(loaded.modules) == len(injected) > 4
+    scales = set()
+    for module_path, layer in injected.items():
+        ours = loaded.modules[naming.kohya_name(naming.PREFIXES["unet"], module_path)]
+        scales.add(ours.scale)
+        theirs = layer.get_delta_weight("default")
+        torch.testing.assert_close(ours.delta(tuple(layer.base_layer.weight.shape)), theirs, rtol=1e-5, atol=1e-6)
+    root = (lambda r: r**0.5) if use_rslora else (lambda r: r)
+    assert scales == {8 / root(4), 8 / root(2), 3 / root(4)}  # plain, rank_pattern, alpha_pattern

@@ -220,6 +220,40 @@ def test_peft_unet_only_adapter_without_component_prefix(tmp_path):
     assert set(kohya.load_network(path).modules) == {SD1_ATTN2_K}
 
 
+def peft_folder(folder, config):
+    """A PEFT adapter folder: ``adapter_model.safetensors`` with a rank-4 to_k LoRA, ``config`` as its JSON config."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    key = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    return save_raw(folder / "adapter_model.safetensors", {f"{key}.lora_A.weight": randn(4, 768), f"{key}.lora_B.weight": randn(320, 4)})
+
+
+def test_peft_config_beside_the_file_gives_the_scale(tmp_path):
+    assert kohya.load_network(peft_folder(tmp_path / "a", {"r": 4, "lora_alpha": 16})).modules[SD1_ATTN2_K].scale == 4.0
+    # LoraConfig's defaults (r = lora_alpha = 8) for what the config omits: scale 1 at any stored rank
+    assert kohya.load_network(peft_folder(tmp_path / "b", {"peft_type": "LORA"})).modules[SD1_ATTN2_K].scale == 1.0
+    kohya_file = tmp_path / "a" / "kohya.safetensors"  # a kohya file in the same folder keeps its own alpha
+    kohya.save_network(kohya_file, NetworkWeights({SD1_ATTN2_K: lora(320, 768, 4, 1.0)}))
+    assert kohya.load_network(kohya_file).modules[SD1_ATTN2_K].scale == 0.25
+
+
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ("{not json", "not a readable PEFT adapter config"),
+        ({"peft_type": "LOHA"}, "a LOHA adapter; only PEFT LoRA adapters are read"),
+        ({"r": "four"}, "r must be a positive number, got 'four'"),
+        ({"lora_alpha": 0}, "lora_alpha must be a positive number, got 0"),
+        ({"alpha_pattern": {"to_k(": 2}}, "alpha_pattern pattern 'to_k(' is not a regex"),
+    ],
+)
+def test_bad_peft_config_is_named(tmp_path, config, problem):
+    path = peft_folder(tmp_path / "adapter", config)
+    with pytest.raises(LorakitError) as excinfo:
+        kohya.load_network(path)
+    assert problem in one_line_error_naming(tmp_path / "adapter" / "adapter_config.json", excinfo)
+
+
 def test_older_diffusers_forms(tmp_path):
     tensors = {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight": randn(4, 768),

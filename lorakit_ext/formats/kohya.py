@@ -2,11 +2,11 @@
 
 Read: kohya / LyCORIS names (``lora_unet_...``, ``lora_te_``/``lora_te1_``/``lora_te2_``; SD1/SD2 UNet names in
 either spelling), PEFT / diffusers keys (``unet.<path>.lora_A.weight``, ``text_encoder.<path>.lora_B.weight``,
-optionally behind ``base_model.model.``) and the older diffusers forms (``<path>.lora.down.weight``,
-``lora_linear_layer``, attention-processor ``to_q_lora``). Everything becomes a ``NetworkWeights`` under canonical
-kohya module names: diffusers-style UNet names for SD1/SD2, compvis-style for SDXL, ``lora_te1_``/``lora_te2_`` for
-SDXL's text encoders. A module without ``alpha`` keeps ``alpha=None``, which every loader (WebUI, kohya, diffusers)
-applies with scale 1.0.
+optionally behind ``base_model.model.``; scaled by ``lora_alpha / r`` when PEFT's ``adapter_config.json`` is beside
+the file) and the older diffusers forms (``<path>.lora.down.weight``, ``lora_linear_layer``, attention-processor
+``to_q_lora``). Everything becomes a ``NetworkWeights`` under canonical kohya module names: diffusers-style UNet
+names for SD1/SD2, compvis-style for SDXL, ``lora_te1_``/``lora_te2_`` for SDXL's text encoders. A module without
+``alpha`` keeps ``alpha=None``, which every loader (WebUI, kohya, diffusers) applies with scale 1.0.
 
 Write: ``<name>.lora_down.weight`` ... and ``<name>.alpha`` as a 0-d tensor in the save dtype, string metadata with
 kohya's ``ss_*`` fields, ModelSpec ``modelspec.*`` fields and the ``sshs_*`` hashes of the bytes actually written.
@@ -42,8 +42,12 @@ KOHYA_SUFFIXES = frozenset(
 )
 _KOHYA_KEY = re.compile(r"(lora_(?:unet|te1|te2|te)_[A-Za-z0-9_]+)\.(.+)")
 # PEFT and older diffusers spellings: key ending -> kohya suffix. Tried in order, longest first where they overlap.
+PEFT_DOWN = ".lora_A.weight"
+# PEFT writes its LoraConfig here, beside adapter_model.safetensors, with LoraConfig's defaults for what it omits.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 _FOREIGN_ENDINGS = (
-    (".lora_A.weight", LORA_DOWN),
+    (PEFT_DOWN, LORA_DOWN),
     (".lora_B.weight", LORA_UP),
     (".lora_linear_layer.down.weight", LORA_DOWN),
     (".lora_linear_layer.up.weight", LORA_UP),
@@ -95,7 +99,7 @@ def load_network(path: PathLike, *, layout: naming.UNetLayout | None = None) -> 
     tensors = safetensors_io.load_tensors(path)
     if not tensors:
         raise LorakitError(f"{path}: holds no tensors")
-    grouped = _group_by_module(tensors, path)
+    grouped = _group_by_module({**_peft_alphas(tensors, path), **tensors}, path)
     _check_finite(grouped, path)
     arch = naming.detect_arch(_names_and_shapes(grouped))
     modules: dict[str, ModuleWeights] = {}
@@ -131,6 +135,70 @@ def _group_by_module(tensors: Mapping[str, torch.Tensor], path: PathLike) -> dic
             f"{path}: {len(unknown)} keys that are not LoRA/LoCon/LoHa/LoKr tensors: {_first_few(sorted(unknown))}"
         )
     return grouped
+
+
+def _peft_alphas(tensors: Mapping[str, torch.Tensor], path: PathLike) -> dict[str, torch.Tensor]:
+    """``<module>.alpha`` for each PEFT ``lora_A`` module when PEFT's ``adapter_config.json`` lies beside the file.
+
+    PEFT keeps the scale out of the tensors: it is ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module
+    overridden by ``rank_pattern`` / ``alpha_pattern``. The alpha given here makes ``alpha / rank`` that scale.
+    Without a config a PEFT file applies at scale 1.0, as diffusers' older files without alphas do.
+    """
+    downs = [key for key in tensors if key.endswith(PEFT_DOWN)]
+    config_path = Path(path).with_name(PEFT_CONFIG)
+    if not downs or not config_path.is_file():
+        return {}
+    config = _peft_config(config_path)
+    alphas = {}
+    for key in downs:
+        module_path = key[: -len(PEFT_DOWN)]
+        scale = _peft_scale(config, module_path.removeprefix("base_model.model."))
+        alphas[f"{module_path}.{ALPHA}"] = torch.tensor(scale * tensors[key].shape[0], dtype=torch.float64)
+    return alphas
+
+
+def _peft_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LorakitError(f"{config_path}: not a readable PEFT adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise LorakitError(f"{config_path}: not a PEFT adapter config (not a JSON object)")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LorakitError(f"{config_path}: a {config['peft_type']} adapter; only PEFT LoRA adapters are read")
+    for option in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(option) or {}
+        if not isinstance(patterns, dict) or not all(_is_number(v) for v in patterns.values()):
+            raise LorakitError(f"{config_path}: {option} must map module patterns to positive numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LorakitError(f"{config_path}: {option} pattern {pattern!r} is not a regex ({error})") from None
+    for option, default in PEFT_DEFAULTS.items():
+        if not _is_number(config.get(option, default)):
+            raise LorakitError(f"{config_path}: {option} must be a positive number, got {config[option]!r}")
+    return config
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _peft_scale(config: Mapping, module_path: str) -> float:
+    """The scale PEFT gives the module at ``module_path`` (a path in the model, e.g. ``down_blocks.0...to_k``)."""
+    rank = _peft_pattern_value(config.get("rank_pattern"), module_path, config.get("r", PEFT_DEFAULTS["r"]))
+    alpha = config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
+    alpha = _peft_pattern_value(config.get("alpha_pattern"), module_path, alpha)
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _peft_pattern_value(patterns: Mapping[str, float] | None, module_path: str, default: float) -> float:
+    """PEFT's rule: the first pattern that matches the end of the module path at a dot boundary wins."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
 
 
 def _parse_key(key: str) -> tuple[str, str] | None:
