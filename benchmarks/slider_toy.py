@@ -1,12 +1,18 @@
-"""Slider quality on the toy world: copier, difference, paired, and a naive LoRA trained on B alone.
+"""Slider quality on the toy world: copier, difference, paired, and a naive LoRA trained on B alone, side by side.
 
 Task (lorakit_ext.slider.demo): A = a red circle, B = the same image with the circle 1.6x wider. Each method's LoRA is
-applied to the base toy model for prompts of other colors and shapes over seeds x weights -1..1, and measured on
-pixels: Spearman rho between weight and foreground area, hue and centroid drift from weight 0, background change.
-Goals for copier and difference: rho >= 0.9 on >= 90% of prompt/seed runs, hue drift <= 10 degrees, centroid drift
-<= 2 px (both taken over the runs, median and 90th percentile reported).
+applied to the base toy model for 4 prompts of other colors and shapes x 16 seeds x weights -1, -0.5, 0, 0.5, 1, and
+measured on pixels: Spearman rho between weight and foreground area, hue and centroid drift from weight 0 (the
+largest over the weights), background change. The empty training prompt is rendered too (the grid's first rows) but
+not judged.
+
+Goals for copier and difference, judged per prompt/seed run: rho >= 0.9, hue drift <= 10 degrees, centroid drift
+<= 2 px (a drift that cannot be measured, because the shape vanished or lost its colour, fails). A method meets the
+goal when at least 90% of its runs pass each of the three. Per run the JSON lists the numbers and the three
+judgments; per method the fraction of runs passing each, all three, and the median / 90th percentile of the drifts.
 
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
+    OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_quick --quick   # starts, ~2 min
 """
 
 from __future__ import annotations
@@ -24,30 +30,80 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from lorakit_ext.slider.demo import toy_config, toy_pair_set
 
-# the training prompt (empty) plus four prompts of other colors and shapes; the goals are over the four
+# the training prompt (empty, not judged) plus four prompts of other colors and shapes (judged)
 PROMPTS = ("", "a blue square", "a green triangle", "a yellow circle", "a blue triangle")
 GOAL_RHO, GOAL_FRACTION, GOAL_HUE_DEG, GOAL_CENTROID_PX = 0.9, 0.9, 10.0, 2.0
+QUICK = {"seeds": 2, "steps": 4, "sample_steps": 4}
 
 
-def goals(metrics: dict) -> dict:
-    """The benchmark's pass/fail numbers over the unrelated-prompt runs (the empty training prompt excluded)."""
-    runs = [r for r in metrics["runs"] if r["prompt"]]
-    hue = [r["hue_drift_deg"] for r in runs if r["hue_drift_deg"] is not None]
-    centroid = [r["centroid_drift_px"] for r in runs if r["centroid_drift_px"] is not None]
-    fraction = sum(r["rho"] >= GOAL_RHO for r in runs) / len(runs)
+def judged_runs(metrics: dict) -> list[dict]:
+    """Each unrelated-prompt run's numbers with its pass/fail against the three goals."""
+    judged = []
+    for run in metrics["runs"]:
+        if not run["prompt"]:
+            continue
+        hue, centroid = run["hue_drift_deg"], run["centroid_drift_px"]
+        judged.append({
+            "prompt": run["prompt"],
+            "seed": run["seed"],
+            "rho": run["rho"],
+            "hue_drift_deg": hue,
+            "centroid_drift_px": centroid,
+            "background_change": run["background_change"],
+            "rho_ok": bool(run["rho"] >= GOAL_RHO),
+            "hue_ok": bool(hue is not None and hue <= GOAL_HUE_DEG),
+            "centroid_ok": bool(centroid is not None and centroid <= GOAL_CENTROID_PX),
+        })
+    return judged
+
+
+def goals(runs: list[dict]) -> dict:
+    """A method's verdict over its judged runs."""
+
+    def fraction(key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    def percentile(key: str, q: float) -> float | None:
+        values = [r[key] for r in runs if r[key] is not None]
+        return float(np.percentile(values, q)) if values else None
+
+    passing = {key: fraction(key) for key in ("rho_ok", "hue_ok", "centroid_ok")}
+    background = [r["background_change"] for r in runs if r["background_change"] is not None]
     return {
-        "monotonic_fraction": fraction,
-        "hue_drift_deg_median": float(np.median(hue)) if hue else None,
-        "hue_drift_deg_p90": float(np.percentile(hue, 90)) if hue else None,
-        "centroid_drift_px_median": float(np.median(centroid)) if centroid else None,
-        "centroid_drift_px_p90": float(np.percentile(centroid, 90)) if centroid else None,
-        "background_change_mean": float(np.mean([r["background_change"] or 0.0 for r in runs])),
-        "meets_goal": bool(
-            fraction >= GOAL_FRACTION
-            and hue and np.percentile(hue, 90) <= GOAL_HUE_DEG
-            and centroid and np.percentile(centroid, 90) <= GOAL_CENTROID_PX
-        ),
+        "runs": len(runs),
+        "rho_ok_fraction": passing["rho_ok"],
+        "hue_ok_fraction": passing["hue_ok"],
+        "centroid_ok_fraction": passing["centroid_ok"],
+        "all_ok_fraction": sum(r["rho_ok"] and r["hue_ok"] and r["centroid_ok"] for r in runs) / len(runs),
+        "hue_drift_deg_median": percentile("hue_drift_deg", 50),
+        "hue_drift_deg_p90": percentile("hue_drift_deg", 90),
+        "centroid_drift_px_median": percentile("centroid_drift_px", 50),
+        "centroid_drift_px_p90": percentile("centroid_drift_px", 90),
+        "background_change_mean": float(np.mean(background)) if background else None,
+        "meets_goal": all(value >= GOAL_FRACTION for value in passing.values()),
     }
+
+
+def table(results: dict) -> str:
+    """The methods side by side, as a markdown table."""
+    lines = [
+        "| method | runs | rho >= 0.9 | hue <= 10 deg | centroid <= 2 px | all three | hue median / p90 |"
+        " centroid median / p90 | background | meets goal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def number(value, unit=""):
+        return "n/a" if value is None else f"{value:.1f}{unit}"
+
+    for method, r in results.items():
+        lines.append(
+            f"| {method} | {r['runs']} | {r['rho_ok_fraction']:.0%} | {r['hue_ok_fraction']:.0%} |"
+            f" {r['centroid_ok_fraction']:.0%} | {r['all_ok_fraction']:.0%} |"
+            f" {number(r['hue_drift_deg_median'])} / {number(r['hue_drift_deg_p90'], ' deg')} |"
+            f" {number(r['centroid_drift_px_median'])} / {number(r['centroid_drift_px_p90'], ' px')} |"
+            f" {number(r['background_change_mean'])} | {'yes' if r['meets_goal'] else 'no'} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -57,7 +113,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per pass (default: the demo's)")
     parser.add_argument("--sample-steps", type=int, default=12)
     parser.add_argument("--methods", nargs="+", default=["copier", "difference", "paired", "naive"])
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.sample_steps = QUICK["seeds"], QUICK["steps"], QUICK["sample_steps"]
     torch.set_num_threads(1)
 
     from lorakit_ext.models.ldm import LdmAdapter
@@ -70,35 +129,35 @@ def main() -> None:
     pair_set = toy_pair_set(args.out / "pairs")
     config = toy_config(pair_set, **({"max_train_steps": args.steps} if args.steps else {}))
     adapter = LdmAdapter(load_toy_model())
-    settings = SweepSettings(prompts=PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps)
-    results = {}
+    settings = SweepSettings(prompts=PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True)
+    results, runs = {}, {}
     for method in args.methods:
         started = time.time()
         out = args.out / f"{method}.safetensors"
+        extra = {}
         if method == "naive":
             data = write_dataset(pair_set, "b", args.out / "naive_data")
             train_pass(config, adapter, data, out, lambda **_: None, None)
-            trained_s = time.time() - started
-            metrics = slider_report(adapter, out, settings, pair_set, "naive")
-            extra = {}
         else:
             # copier and difference train the same LoRA A (same data, config and seed): train it once
             lora_a = args.out / "lora_a.safetensors"
-            options = {"reuse_a": lora_a} if lora_a.is_file() else {"keep_a": lora_a}
-            result = run_method(method, pair_set, config, adapter, out, **({} if method == "paired" else options))
-            trained_s = time.time() - started
-            metrics = slider_report(adapter, out, settings, pair_set, method)
-            extra = {"copy_similarity": result.copy_similarity}
+            options = {} if method == "paired" else {"reuse_a": lora_a} if lora_a.is_file() else {"keep_a": lora_a}
+            extra["copy_similarity"] = run_method(method, pair_set, config, adapter, out, **options).copy_similarity
+        trained_s = time.time() - started
+        metrics = slider_report(adapter, out, settings, pair_set, method)
+        runs[method] = judged_runs(metrics)
         results[method] = {
-            **goals(metrics),
+            **goals(runs[method]),
             **extra,
-            "summary": metrics["summary"],
+            "effect_along_ab": metrics["summary"].get("effect_along_ab"),
             "warnings": metrics["warnings"],
             "train_s": round(trained_s, 1),
             "report_s": round(time.time() - started - trained_s, 1),
         }
-        print(method, json.dumps({k: v for k, v in results[method].items() if k != "summary"}), flush=True)
-    (args.out / "slider_toy.json").write_text(json.dumps(results, indent=2))
+        print(method, json.dumps(results[method]), flush=True)
+    report = {"settings": {**vars(args), "out": str(args.out), "prompts": PROMPTS}, "methods": results, "runs": runs}
+    (args.out / "slider_toy.json").write_text(json.dumps(report, indent=2))
+    print(table(results))
 
 
 if __name__ == "__main__":
