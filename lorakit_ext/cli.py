@@ -23,7 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "merge-into": ("lorakit_ext.merge.cli_merge_into", "merge LoRAs into a checkpoint"),
     "extract": ("lorakit_ext.merge.cli_extract", "extract a LoRA from a tuned checkpoint minus its base"),
     "resize": ("lorakit_ext.merge.cli_resize", "re-compress a LoRA to a new (or dynamic) rank"),
-    "demo": ("lorakit_ext.toy.demo", "run the built-in demo on the toy model"),
+    "demo": ("lorakit_ext.slider.demo", "the copier slider on the toy world: LoRA, weight grid PNG, metrics JSON"),
     "toy": ("lorakit_ext.toy.cli", "the toy model: export it for the WebUI"),
     "ui": ("lorakit_ext.ui.standalone", "serve the three tabs on 127.0.0.1 outside the WebUI"),
 }

@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=TOY_TRAINING["max_train_steps"], help="training steps per pass")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the report")
     parser.add_argument("--sample-steps", type=int, default=12, help="sampler steps of the report images")
+    parser.add_argument("--verify-seeds", type=int, default=4, help="seeds for checking that LoRA A copies A")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,16 +66,18 @@ def run(args: argparse.Namespace) -> int:
     from lorakit_ext.errors import LorakitError
     from lorakit_ext.models.ldm import LdmAdapter
     from lorakit_ext.slider.methods import run_method
-    from lorakit_ext.slider.report import SweepSettings
+    from lorakit_ext.slider.report import SweepSettings, report_paths
     from lorakit_ext.toy.model import load_toy_model
 
-    if args.steps < 1 or args.seeds < 1:
-        raise LorakitError("--steps and --seeds must be at least 1")
+    if min(args.steps, args.seeds, args.sample_steps, args.verify_seeds) < 1:
+        raise LorakitError("--steps, --seeds, --sample-steps and --verify-seeds must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     pair_set = toy_pair_set(args.out / "pairs")
     config = toy_config(pair_set, max_train_steps=args.steps)
     adapter = LdmAdapter(load_toy_model())
-    settings = SweepSettings(prompts=TOY_PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps)
+    settings = SweepSettings(
+        prompts=TOY_PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True
+    )
 
     def show(message: str = "", step: int = 0, total: int = 0, **_) -> None:
         if message or (total and step % 20 == 0):
@@ -82,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
     with torch.random.fork_rng():
         out = args.out / "copier_slider.safetensors"
-        result = run_method("copier", pair_set, config, adapter, out, settings, report=show)
-    summary = result.metrics["summary"] if result.metrics else {}
-    print(json.dumps({"output": str(result.output), "copy_similarity": result.copy_similarity, **summary,
-                      "warnings": result.warnings}, indent=2))
+        result = run_method(
+            "copier", pair_set, config, adapter, out, settings, report=show, verify_seeds=args.verify_seeds
+        )
+    grid_path, metrics_path = report_paths(out)
+    summary = result.metrics.get("summary", {}) if result.metrics else {}
+    print(json.dumps({"copy_similarity": result.copy_similarity, **summary, "warnings": result.warnings}, indent=2))
+    print(f"wrote the LoRA {result.output}\nwrote the weight grid {grid_path}\nwrote the metrics {metrics_path}")
     return 0
