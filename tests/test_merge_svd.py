@@ -52,9 +52,11 @@ def test_factor_svd_of_loha_and_tucker_modules():
 def test_dynamic_rules_pick_what_they_promise():
     s = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1])
     energy = (s**2).cumsum(0) / (s**2).sum()
-    for target in (0.5, 0.9, 0.99, 0.999):
+    for target in (0.5, 0.9, 0.98, 0.99, 0.999):
         kept = RankRule(dynamic="sv_fro", value=target).keep(s, None)
         assert math.sqrt(energy[kept - 1]) >= target and (kept == 1 or math.sqrt(energy[kept - 2]) < target)
+        # from the leading values only (a randomized SVD) with the whole ||ΔW||², the same choice
+        assert RankRule(dynamic="sv_fro", value=target).keep(s[:3], None, float((s**2).sum())) == min(kept, 3)
     cumulative = s.cumsum(0) / s.sum()
     for target in (0.5, 0.8, 0.95):
         kept = RankRule(dynamic="sv_cumulative", value=target).keep(s, None)
