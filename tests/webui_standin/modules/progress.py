@@ -8,7 +8,6 @@ from modules import shared
 current_task = None
 pending_tasks = OrderedDict()
 finished_tasks = []
-recorded_results = []
 
 
 def add_task_to_queue(id_job):
@@ -28,10 +27,6 @@ def finish_task(id_task):
     finished_tasks.append(id_task)
     if len(finished_tasks) > 16:
         finished_tasks.pop(0)
-
-
-def record_results(id_task, res):
-    recorded_results.append((id_task, res))
 
 
 def progressapi(id_task):

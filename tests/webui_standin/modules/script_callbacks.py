@@ -1,6 +1,6 @@
 """Stand-in of ``modules.script_callbacks``: registration and the calls that fire the callbacks lorakit uses."""
 
-callbacks = {"ui_tabs": [], "ui_settings": [], "app_started": [], "before_ui": [], "script_unloaded": []}
+callbacks = {"ui_tabs": [], "ui_settings": [], "app_started": [], "before_ui": []}
 
 
 def clear_callbacks():
@@ -24,10 +24,6 @@ def on_before_ui(callback, *, name=None):
     callbacks["before_ui"].append(callback)
 
 
-def on_script_unloaded(callback, *, name=None):
-    callbacks["script_unloaded"].append(callback)
-
-
 def ui_tabs_callback():
     tabs = []
     for callback in callbacks["ui_tabs"]:
@@ -47,9 +43,4 @@ def app_started_callback(demo, app):
 
 def before_ui_callback():
     for callback in callbacks["before_ui"]:
-        callback()
-
-
-def script_unloaded_callback():
-    for callback in callbacks["script_unloaded"]:
         callback()

@@ -87,9 +87,7 @@ class State:
         self.id_live_preview += 1
 
 
-cmd_opts = SimpleNamespace(lora_dir="", lyco_dir_backcompat="", lowvram=False, medvram=False, medvram_sdxl=False,
-                           api=False, nowebui=False, api_auth=None)
+cmd_opts = SimpleNamespace(lora_dir="", lowvram=False, api=False, nowebui=False, api_auth=None)
 opts = Options()
 state = State()
 sd_model = None
-parallel_processing_allowed = True
