@@ -124,3 +124,149 @@ def test_train_modules_import_without_the_cli_extras():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+# A kohya_ss GUI / sd-scripts `--config_file` export for a LyCORIS LoCon run, keys as kohya documents them.
+KOHYA_TOML = """
+[model_arguments]
+pretrained_model_name_or_path = "{model}"
+v2 = false
+v_parameterization = false
+
+[additional_network_arguments]
+network_module = "lycoris.kohya"
+network_dim = 16
+network_alpha = 8
+network_args = ["algo=locon", "conv_dim=8", "conv_alpha=4", "use_tucker=False", "preset=full", "module_dropout=0.1"]
+network_train_unet_only = true
+unet_lr = 1e-4
+text_encoder_lr = 5e-5
+
+[optimizer_arguments]
+optimizer_type = "AdamW"
+learning_rate = 1e-4
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+lr_warmup_steps = 100
+max_grad_norm = 1.0
+
+[dataset_arguments]
+train_data_dir = "{data}"
+resolution = "512,512"
+caption_extension = ".txt"
+cache_latents = true
+cache_latents_to_disk = true
+enable_bucket = true
+min_bucket_reso = 256
+max_bucket_reso = 1024
+bucket_reso_steps = 64
+shuffle_caption = true
+keep_tokens = 1
+color_aug = false
+random_crop = false
+max_token_length = 75
+max_data_loader_n_workers = 0
+persistent_data_loader_workers = true
+
+[training_arguments]
+output_dir = "{out}"
+output_name = "my_locon"
+save_model_as = "safetensors"
+save_precision = "fp16"
+save_every_n_epochs = 1
+train_batch_size = 2
+max_train_epochs = 10
+mixed_precision = "bf16"
+xformers = true
+sdpa = false
+mem_eff_attn = false
+gradient_checkpointing = true
+clip_skip = 1
+seed = 1234
+noise_offset = 0.05
+min_snr_gamma = 5
+logging_dir = "{out}/logs"
+log_with = "tensorboard"
+lowram = false
+"""
+
+
+def _kohya_file(tmp_path, text=KOHYA_TOML):
+    (tmp_path / "data" / "10_subject").mkdir(parents=True)
+    path = tmp_path / "kohya.toml"
+    path.write_text(text.format(model=tmp_path / "model.safetensors", data=tmp_path / "data", out=tmp_path / "out"))
+    return path
+
+
+def test_a_kohya_gui_toml_loads_mapped_with_one_note_per_ignored_key(tmp_path):
+    config = TrainConfig.load_toml(_kohya_file(tmp_path))
+    assert config.network_algo == "locon" and config.network_algo_resolved() == "locon"
+    assert config.conv_resolved() == (8, 4.0) and config.dropouts_resolved() == (0.0, 0.0, 0.1)
+    assert (config.network_dim, config.network_alpha, config.lr_scheduler_num_cycles) == (16, 8.0, 3)
+    assert config.output_name == "my_locon" and config.output_dir == str(tmp_path / "out")
+    assert config.pretrained_model_name_or_path == str(tmp_path / "model.safetensors")
+    assert (config.v2, config.v_parameterization, config.sdxl) == (False, False, None)
+    notes = config.warnings()
+    ignored = ["log_with", "logging_dir", "lowram", "max_data_loader_n_workers", "mem_eff_attn",
+               "persistent_data_loader_workers", "sdpa", "xformers"]
+    assert sorted(n.split(":")[0] for n in notes if ": ignored, " in n) == ignored
+    assert "xformers: ignored, attention is chosen by the host" in notes
+    assert all("\n" not in n for n in notes)
+    config.with_overrides({"learning_rate": 2e-4}).validate()  # the notes survive overrides; the config validates
+    assert config.with_overrides({"learning_rate": 2e-4}).warnings() == notes
+
+
+@pytest.mark.parametrize(
+    "module, args, algo",
+    [
+        ("networks.lora", [], "lora"),
+        ("networks.lora", ["conv_dim=4", "conv_alpha=1"], "locon"),  # kohya's LoRA-C3Lier trains the resnets too
+        ("lycoris.kohya", ["algo=loha"], "loha"),
+        ("lycoris.kohya", [], "locon"),  # LyCORIS' default "lora" covers the resnets
+    ],
+)
+def test_network_module_maps_to_network_algo(module, args, algo):
+    config = TrainConfig.from_dict({"network_module": module, "network_args": args})
+    assert config.network_algo_resolved() == algo
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"clip_skip": 2}, "clip_skip = 2 is not supported (lorakit conditions on the text encoder's own output"),
+        ({"max_token_length": 225}, "max_token_length = 225 is not supported"),
+        ({"zero_terminal_snr": True}, "zero_terminal_snr = True is not supported"),
+        ({"network_module": "networks.dylora"}, "network_module 'networks.dylora' is not supported"),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"]}, "network_args algo=lokr"),
+        ({"network_args": ["block_dims=2,4,8"]}, "network_args block_dims=2,4,8 is not supported"),
+        ({"save_model_as": "ckpt"}, "save_model_as = 'ckpt' is not supported (networks are written as .safetensors"),
+    ],
+)
+def test_kohya_options_that_would_train_something_else_are_refused(values, fragment):
+    with pytest.raises(LorakitError) as error:
+        TrainConfig.from_dict(values, source="run.toml").validate()
+    assert fragment in str(error.value) and str(error.value).startswith("run.toml") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "flags, arch, prediction, fragment",
+    [
+        ({"v_parameterization": True}, "sd1", "epsilon", "v_parameterization = true, but the model (sd1) predicts eps"),
+        ({"v2": True}, "sdxl", "epsilon", "v2 = true, but the model is sdxl"),
+        ({"sdxl": True}, "sd2-v", "v_prediction", "sdxl = true, but the model is sd2-v"),
+    ],
+)
+def test_model_flags_that_contradict_the_model_are_refused(flags, arch, prediction, fragment):
+    from lorakit_ext.train.kohya_keys import check_model_flags
+
+    with pytest.raises(LorakitError, match=re.escape(fragment)):
+        check_model_flags(flags, arch, prediction)
+
+
+def test_model_flags_that_agree_pass_and_a_false_v_flag_on_a_v_model_is_noted():
+    from lorakit_ext.train.kohya_keys import check_model_flags
+
+    assert check_model_flags({"v2": True, "v_parameterization": True}, "sd2-v", "v_prediction") == []
+    assert check_model_flags({"v2": False, "sdxl": True}, "sdxl", "epsilon") == []
+    (note,) = check_model_flags({"v2": True, "v_parameterization": False}, "sd2-v", "v_prediction")
+    assert note.startswith("v_parameterization = false, but the model (sd2-v) predicts v")

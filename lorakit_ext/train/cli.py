@@ -100,11 +100,10 @@ def _print_event(event) -> None:
 
 def load_adapter(path: str | None):
     """The model to train on this process's device: the toy model, an ldm checkpoint + yaml, or a diffusers folder."""
-    from accelerate import PartialState
-
     from lorakit_ext.models.ldm import LdmAdapter
+    from lorakit_ext.train.trainer import process_state
 
-    device = PartialState().device
+    device = process_state().device
     if not path:
         from lorakit_ext.toy.model import load_toy_model
 

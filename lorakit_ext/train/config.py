@@ -1,7 +1,8 @@
 """``TrainConfig``: the one validated object the Train tab, the CLI and the HTTP API all hand to the trainer.
 
 Option names are kohya sd-scripts' (a kohya ``--config_file`` TOML loads as is: its ``[section]`` tables are
-flattened), so users bring their configs along. The config is flat, like kohya's; each field's ``metadata`` says
+flattened, and kohya options that are not fields here are mapped, noted or refused by ``kohya_keys``), so users
+bring their configs along. The config is flat, like kohya's; each field's ``metadata`` says
 which section it belongs to and what it means, which is what ``docs/train-config.md`` is generated from.
 """
 
@@ -15,9 +16,10 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from lorakit_ext.errors import LorakitError
+from lorakit_ext.train.kohya_keys import network_args_dict
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")  # or any optimizer class by dotted name
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -46,6 +48,11 @@ class TrainConfig:
         "ldm checkpoint (.safetensors with its .yaml beside it) or diffusers folder; empty: the toy model",
         None,
     )
+    v2: bool | None = _option("model", "kohya's SD2 flag: checked against the model, which decides", None)
+    v_parameterization: bool | None = _option(
+        "model", "kohya's v-prediction flag: checked against the model's own objective", None
+    )
+    sdxl: bool | None = _option("model", "kohya_ss's SDXL flag: checked against the model", None)
     # --- dataset
     train_data_dir: str = _option("dataset", "folder of kohya `N_name` concept folders (N repeats)", "")
     reg_data_dir: str | None = _option("dataset", "folder of regularization concept folders", None)
@@ -78,7 +85,7 @@ class TrainConfig:
     conv_dim: int | None = _option("network", "rank of kxk conv modules (locon/loha); empty: not trained", None)
     conv_alpha: float | None = _option("network", "alpha of kxk conv modules; empty: conv_dim's default 1", None)
     network_args: list[str] = _option(
-        "network", "kohya/LyCORIS `key=value` strings: algo, conv_dim, conv_alpha are read", []
+        "network", "kohya/LyCORIS `key=value` strings: algo, conv_dim, conv_alpha and the dropouts are read", []
     )
     network_weights: str | None = _option("network", "start from this network file", None)
     network_dropout: float | None = _option("network", "dropout on the rank activations", None)
@@ -129,23 +136,33 @@ class TrainConfig:
     )
     sample_sampler: str = _option("samples", f"{', '.join(SAMPLERS)}", "euler")
 
+    # not an option: one note per kohya option accepted without effect (set by ``from_dict``, shown by ``warnings``)
+    load_notes: ClassVar[tuple[str, ...]] = ()
+
     # --- building -------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
-        """A config from kohya-named values (``[section]`` tables flattened); unknown keys are refused by name."""
+        """A config from kohya-named values (``[section]`` tables flattened); kohya-only options are translated
+        (``kohya_keys``, their notes kept for ``warnings()``), other unknown keys are refused by name."""
+        from lorakit_ext.train.kohya_keys import translate
+
         flat: dict[str, Any] = {}
         for key, value in values.items():
             if isinstance(value, Mapping):
                 flat.update(value)
             else:
                 flat[key] = value
+        flat, notes = translate(flat, source)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(flat) - set(known))
         if unknown:
             raise LorakitError(f"{source}: unknown option {unknown[0]!r}" + _did_you_mean(unknown[0], known))
         hints = get_type_hints(cls)
-        return cls(**{key: _coerce(key, value, hints[key], source) for key, value in flat.items()})
+        config = cls(**{key: _coerce(key, value, hints[key], source) for key, value in flat.items()})
+        network_args_dict(config.network_args, source)  # keys that would change the network are refused here
+        config.load_notes = tuple(notes)
+        return config
 
     @classmethod
     def load_toml(cls, path: str | Path) -> TrainConfig:
@@ -160,7 +177,9 @@ class TrainConfig:
 
     def with_overrides(self, values: Mapping[str, Any], source: str = "overrides") -> TrainConfig:
         """A copy with some options replaced (CLI flags, UI fields), coerced like ``from_dict``."""
-        return TrainConfig.from_dict({**self.to_dict(), **values}, source=source)
+        config = TrainConfig.from_dict({**self.to_dict(), **values}, source=source)
+        config.load_notes = self.load_notes + config.load_notes
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-ready values (tuples as lists), ``from_dict`` of which gives an equal config."""
@@ -185,9 +204,8 @@ class TrainConfig:
         _check(self.network_alpha > 0, "network_alpha", "must be positive")
         conv_dim, _ = self.conv_resolved()
         _check(conv_dim is None or conv_dim >= 0, "conv_dim", "must be 0 or more")
-        for name in ("network_dropout", "rank_dropout", "module_dropout"):
-            value = getattr(self, name)
-            _check(value is None or 0 <= value < 1, name, "must be in [0, 1)")
+        for name, value in zip(("network_dropout", "rank_dropout", "module_dropout"), self.dropouts_resolved()):
+            _check(0 <= value < 1, name, "must be in [0, 1)")
         _check(self.learning_rate > 0, "learning_rate", "must be positive")
         for name in ("unet_lr", "text_encoder_lr"):
             _check(getattr(self, name) is None or getattr(self, name) >= 0, name, "must be 0 or more")
@@ -246,7 +264,7 @@ class TrainConfig:
 
     def warnings(self) -> list[str]:
         """Settings that are allowed but probably not meant (shown before training starts)."""
-        notes = []
+        notes = list(self.load_notes)
         if self.multires_noise_iterations == 0 and self.multires_noise_discount != TrainConfig.multires_noise_discount:
             notes.append("multires_noise_discount is set but multires_noise_iterations is 0: no multires noise is used")
         if self.noise_offset and self.multires_noise_iterations:
@@ -259,14 +277,27 @@ class TrainConfig:
 
     def network_algo_resolved(self) -> str:
         """``network_algo``, or LyCORIS' ``algo=`` from ``network_args`` when a kohya config gives one."""
-        return _network_args(self.network_args).get("algo", self.network_algo)
+        return network_args_dict(self.network_args).get("algo", self.network_algo)
 
     def conv_resolved(self) -> tuple[int | None, float]:
         """(conv_dim, conv_alpha), where ``network_args`` may give them as kohya configs do."""
-        args = _network_args(self.network_args)
+        args = network_args_dict(self.network_args)
         conv_dim = int(args["conv_dim"]) if "conv_dim" in args else self.conv_dim
         conv_alpha = float(args["conv_alpha"]) if "conv_alpha" in args else self.conv_alpha
         return conv_dim, 1.0 if conv_alpha is None else conv_alpha
+
+    def dropouts_resolved(self) -> tuple[float, float, float]:
+        """(network_dropout, rank_dropout, module_dropout), where ``network_args`` may give them as kohya configs do
+        (``dropout=``, ``rank_dropout=``, ``module_dropout=``); the options win."""
+        args = network_args_dict(self.network_args)
+        return tuple(
+            float(own if own is not None else args.get(key, 0.0))
+            for own, key in (
+                (self.network_dropout, "dropout"),
+                (self.rank_dropout, "rank_dropout"),
+                (self.module_dropout, "module_dropout"),
+            )
+        )
 
     def lr_for(self, component: str) -> float:
         """The learning rate of the UNet ("unet") or text encoder factors: its own option, else learning_rate."""
@@ -287,16 +318,6 @@ class TrainConfig:
 def _check(ok: bool, option: str, problem: str) -> None:
     if not ok:
         raise LorakitError(f"{option} {problem}")
-
-
-def _network_args(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LorakitError(f"network_args: {item!r} is not key=value")
-        pairs[key.strip()] = value.strip()
-    return pairs
 
 
 def _toml():

@@ -37,6 +37,7 @@ from lorakit_ext.models.base import ModelAdapter
 from lorakit_ext.networks.network import Network, NetworkSpec, create_network
 from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.train.job import StopToken
+from lorakit_ext.train.kohya_keys import check_model_flags
 from lorakit_ext.train.optim import build_optimizer, build_scheduler, optimizer_class, parse_optimizer_args
 from lorakit_ext.train.prompts import SamplePrompt, read_prompt_file
 from lorakit_ext.train.state import Progress, load_state, save_state
@@ -151,6 +152,27 @@ def step_seed(seed: int, step: int, process: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, process]).generate_state(1)[0])
 
 
+def mean_gradients(params: list[Tensor], all_reduce_sum: Callable[[Tensor], Tensor], processes: int) -> None:
+    """Average the gradients of ``params`` over all processes in one collective call.
+
+    Each process may have a different set of gradients (module dropout skips different modules on each), so
+    reducing parameter by parameter would pair up different tensors across processes, or hang. Instead every
+    process sends one flat buffer of all gradients (zeros where a parameter has none) plus one has-gradient flag per
+    parameter; a parameter no process computed a gradient for keeps ``grad = None``, as in a single-process run.
+    """
+    reference = params[0]
+    pieces = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+    flags = torch.tensor([p.grad is not None for p in params], dtype=reference.dtype, device=reference.device)
+    total = all_reduce_sum(torch.cat(pieces + [flags]).float())
+    summed, counts = total[: -len(params)], total[-len(params) :]
+    offset = 0
+    for param, count in zip(params, counts.tolist()):
+        size = param.numel()
+        grad = summed[offset : offset + size].view_as(param).to(param.dtype) / processes
+        param.grad = grad if count > 0 else None
+        offset += size
+
+
 def saved_name(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
     """kohya's file names: ``name.safetensors``, ``name-000004.safetensors``, ``name-step00000500.safetensors``."""
     if epoch is not None:
@@ -181,15 +203,16 @@ def warmup_steps(config: TrainConfig, max_steps: int) -> int:
 
 def network_spec(config: TrainConfig) -> NetworkSpec:
     conv_dim, conv_alpha = config.conv_resolved()
+    dropout, rank_dropout, module_dropout = config.dropouts_resolved()
     return NetworkSpec(
         algo=config.network_algo_resolved(),
         dim=config.network_dim,
         alpha=config.network_alpha,
         conv_dim=conv_dim,
         conv_alpha=conv_alpha,
-        dropout=config.network_dropout or 0.0,
-        rank_dropout=config.rank_dropout or 0.0,
-        module_dropout=config.module_dropout or 0.0,
+        dropout=dropout,
+        rank_dropout=rank_dropout,
+        module_dropout=module_dropout,
         components=None if config.trains_text_encoder() else ("unet",),
     )
 
@@ -221,6 +244,12 @@ def build_network(config: TrainConfig, adapter: ModelAdapter) -> tuple[Network, 
     return network, notes
 
 
+def model_flag_notes(config: TrainConfig, adapter: ModelAdapter) -> list[str]:
+    """kohya's ``v2``/``v_parameterization``/``sdxl`` checked against the model (refused when they contradict it)."""
+    flags = {"v2": config.v2, "v_parameterization": config.v_parameterization, "sdxl": config.sdxl}
+    return check_model_flags(flags, adapter.arch, adapter.prediction_type)
+
+
 def param_groups(network: Network, config: TrainConfig) -> list[dict]:
     """UNet and text encoder factors at their own learning rates (kohya's unet_lr / text_encoder_lr)."""
     unet, text = [], []
@@ -242,6 +271,7 @@ def plan(config: TrainConfig, adapter: ModelAdapter) -> TrainPlan:
     from lorakit_ext.train.dataset import TrainDataset
 
     config.validate()
+    flag_notes = model_flag_notes(config, adapter)
     optimizer_class(config.optimizer_type)
     dataset = TrainDataset(config.dataset_config(), config.seed)
     summary = dataset.summary
@@ -262,7 +292,7 @@ def plan(config: TrainConfig, adapter: ModelAdapter) -> TrainPlan:
         modules=modules,
         parameters=parameters,
         network_bytes=parameters * SAVE_DTYPES[config.save_precision].itemsize,
-        warnings=config.warnings() + notes,
+        warnings=config.warnings() + flag_notes + notes,
     )
 
 
@@ -292,6 +322,7 @@ class TrainingRun:
         self.config, self.adapter, self.report, self.token, self.hooks = config, adapter, report, token, hooks
         if adapter.dtype != torch.float32 and config.mixed_precision == "no":
             raise LorakitError(f"the model is in {adapter.dtype}: set mixed_precision to fp16 or bf16 to train on it")
+        self.notes = config.warnings() + model_flag_notes(config, adapter)
         self.dataset = TrainDataset(config.dataset_config(), config.seed)
         self.accelerator = _accelerator(config.mixed_precision)
         self.process, self.processes = self.accelerator.process_index, self.accelerator.num_processes
@@ -318,7 +349,7 @@ class TrainingRun:
 
     def run(self) -> TrainResult:
         config = self.config
-        for note in config.warnings():
+        for note in self.notes:
             self.report(message=f"warning: {note}")
         with _host_preserved(self.adapter), self._network_attached() as network:
             self.network = network
@@ -417,9 +448,7 @@ class TrainingRun:
             total += value / len(group)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.processes > 1:  # data parallel: the network is not DDP-wrapped (the host calls it), so reduce here
-            for param in params:
-                if param.grad is not None:
-                    param.grad = accelerator.reduce(param.grad, reduction="mean")
+            mean_gradients(params, lambda flat: accelerator.reduce(flat, reduction="sum"), self.processes)
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -658,7 +687,7 @@ class TrainingRun:
             "ss_min_timestep": config.min_timestep,
             "ss_max_timestep": config.max_timestep,
             "ss_prior_loss_weight": config.prior_loss_weight,
-            "ss_network_dropout": config.network_dropout,
+            "ss_network_dropout": config.dropouts_resolved()[0] or None,
             "ss_caption_dropout_rate": config.caption_dropout_rate,
             "ss_shuffle_caption": config.shuffle_caption,
             "ss_keep_tokens": config.keep_tokens,
@@ -710,6 +739,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def process_state():
+    """accelerate's process-wide ``PartialState``, created so that CPU-only data-parallel runs join their group.
+
+    On a machine without a GPU, accelerate puts processes started by ``torchrun`` into one process group only when
+    told to use the CPU (``accelerate launch --cpu`` sets ACCELERATE_USE_CPU); otherwise each would train alone on
+    all the data. Whoever touches accelerate first (the CLI's model loading, the trainer) goes through here.
+    """
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
 def _accelerator(mixed_precision: str):
     """An ``Accelerator`` for this run. accelerate keeps its settings in process-wide singletons that refuse a
     second, different ``mixed_precision``; the WebUI trains many times in one process, so the per-run part of that
@@ -717,10 +763,11 @@ def _accelerator(mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    state = process_state()
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=state.device.type == "cpu")
     except ValueError as error:  # e.g. older accelerate: "fp16 mixed precision requires a GPU"
         raise LorakitError(f"mixed_precision {mixed_precision}: {str(error).splitlines()[0]}") from None
 
