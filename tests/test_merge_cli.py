@@ -9,6 +9,8 @@ import torch
 from lorakit_ext.cli import main
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.networks.weights import NetworkWeights
+from tests.test_merge_algebra import lora_module
 from tests.test_merge_checkpoint import ATTN, CONV, TEXT, TOY, lora_for, target_table
 
 torch.set_num_threads(1)
@@ -120,7 +122,15 @@ def test_errors_are_one_line_and_leave_no_file(capsys, tmp_path, two_loras, tabl
     wrong = lora_for(table, [ATTN], rank=2, seed=9)
     wrong.modules[ATTN].tensors["lora_down.weight"] = torch.ones(2, 7)
     save_network(other, wrong)
+    sdxl = tmp_path / "xl.safetensors"
+    xl_modules = {"lora_te1_text_model_encoder_layers_0_mlp_fc1": lora_module(torch.ones(2, 4), torch.ones(4, 2))}
+    save_network(sdxl, NetworkWeights(xl_modules))
+    sd1 = tmp_path / "sd1.safetensors"
+    sd1_modules = {"lora_unet_down_blocks_0_attentions_0_proj_in": lora_module(torch.ones(2, 4, 1, 1), torch.ones(4, 2, 1, 1))}
+    save_network(sd1, NetworkWeights(sd1_modules))
     cases = [
+        (["merge", "--models", sd1, sdxl, "--save_to", out], "different architectures: sd1.safetensors is sd1, xl.safetensors is sdxl"),
+        (["merge-into", "--checkpoint", TOY, "--models", sdxl, "--save_to", out], "xl.safetensors (sdxl): 1 of 1"),
         (["merge", "--models", poisoned, two_loras[1], "--save_to", out], "NaN"),
         (["merge", "--models", two_loras[0], other, "--save_to", out], "differ in shape"),
         (["merge", "--models", *two_loras, "--ratios", 1, "--save_to", out], "--ratios"),
@@ -132,7 +142,7 @@ def test_errors_are_one_line_and_leave_no_file(capsys, tmp_path, two_loras, tabl
     for argv, message in cases:
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
-    inputs = ["a.safetensors", "b.safetensors", "nan.safetensors", "other.safetensors"]
+    inputs = ["a.safetensors", "b.safetensors", "nan.safetensors", "other.safetensors", "sd1.safetensors", "xl.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == inputs
 
 
