@@ -197,26 +197,38 @@ def test_training_writes_a_lora_the_webui_lists_with_its_metadata(http, trained)
     assert entry["metadata"]["ss_output_name"] == "host_toy" and entry["alias"] == "host_toy"
 
 
-@pytest.mark.parametrize("method", ["copier", "difference"])
-def test_slider_methods_write_a_listed_lora(http, trained, data_dir, method):
-    name = f"host_{method}"
-    job = submit(http, method, {"a": str(data_dir / "A"), "b": str(data_dir / "B"), "output_name": name,
-                                "report": False, "resolution": SIZE, "max_train_steps": 8})
-    snapshot = wait(http, job)
-    assert snapshot["status"] == "done", snapshot["error"]
-    assert snapshot["kind"] == method and Path(snapshot["result"]["output"]).is_file()
-    assert name in listed_loras(http)
+@pytest.fixture(scope="module")
+def sliders(http, trained, data_dir) -> dict[str, dict]:
+    """A copier and a difference slider from the A/B pair: method -> finished job."""
+    jobs = {}
+    for method in ("copier", "difference"):
+        job = submit(http, method, {"a": str(data_dir / "A"), "b": str(data_dir / "B"), "output_name": f"host_{method}",
+                                    "report": False, "resolution": SIZE, "max_train_steps": 8})
+        jobs[method] = wait(http, job)
+    return jobs
 
 
-def test_merge_of_two_loras_is_listed(http, trained):
+@pytest.fixture(scope="module")
+def merged(http, trained, sliders) -> dict:
     job = submit(http, "merge", {"models": ["host_toy", "host_copier"], "ratios": [1.0, 0.5],
                                  "output_name": "host_merged", "save_precision": "float"})
-    snapshot = wait(http, job)
+    return wait(http, job)
+
+
+@pytest.mark.parametrize("method", ["copier", "difference"])
+def test_slider_methods_write_a_listed_lora(http, sliders, method):
+    snapshot = sliders[method]
     assert snapshot["status"] == "done", snapshot["error"]
-    assert Path(snapshot["result"]["output"]).is_file() and "host_merged" in listed_loras(http)
+    assert snapshot["kind"] == method and Path(snapshot["result"]["output"]).is_file()
+    assert f"host_{method}" in listed_loras(http)
 
 
-def test_second_job_is_409_generation_waits_and_stop_saves(http, trained, data_dir):
+def test_merge_of_two_loras_is_listed(http, merged):
+    assert merged["status"] == "done", merged["error"]
+    assert Path(merged["result"]["output"]).is_file() and "host_merged" in listed_loras(http)
+
+
+def test_second_job_is_409_generation_waits_and_stop_saves(http, trained, merged, data_dir):
     job = submit(http, "train", {"train_data_dir": str(data_dir / "train"), "output_name": "host_stopped",
                                  **training_options(max_train_steps=100000)})
     deadline = time.monotonic() + 300
