@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import os
 
 import pytest
@@ -126,34 +127,95 @@ def test_pickled_tensors_load_only_without_code(tmp_path, tensors):
     assert "step" in one_line_error_naming(not_tensors, excinfo)
 
 
-def test_replace_metadata_keeps_tensor_bytes(tmp_path, tensors):
-    original = sio.serialize(tensors, {"ss_a": "1"})
-    path = tmp_path / "swapped.safetensors"
-    sio.write_atomic(path, sio.replace_metadata(original, {"ss_a": "1", "modelspec.title": "ünïcode \"quoted\"\n"}))
+ODD_METADATA = {"ss_a": "1", "modelspec.title": "ünïcode \"quoted\"\n\x01\x7f", "b": ""}
+
+
+def every_dtype(generator):
+    """One tensor of each dtype we write, names out of order, a scalar and an empty one among them."""
+    values = torch.randn(5, 3, generator=generator)
+    return {
+        f"t{rank:02d}_{dtype}".replace("torch.", ""): (values * 10).to(dtype) if dtype != torch.bool else values > 0
+        for rank, dtype in reversed(list(enumerate(sio.DTYPE_NAMES)))
+    } | {"scalar": torch.tensor(2.5, dtype=torch.float16), "empty": torch.zeros(0, 4), "a_late": values[1:].t(), "offset": values[2:]}
+
+
+def split(file_bytes: bytes) -> tuple[dict, bytes]:
+    data_offset = 8 + int.from_bytes(file_bytes[:8], "little")
+    return json.loads(file_bytes[8:data_offset]), file_bytes[data_offset:]
+
+
+@pytest.mark.parametrize("metadata", [None, ODD_METADATA])
+def test_layout_writes_what_the_library_writes(tmp_path, tensors, metadata):
+    """Same bytes as safetensors.torch.save, but for the order of the metadata keys (the library's is a hash map's:
+    it varies between runs), so the same header length and tensor layout, which the legacy hash depends on."""
+    mixed = {**tensors, **every_dtype(torch.Generator().manual_seed(1))}
+    library = safetensors.torch.save({k: v.contiguous() for k, v in mixed.items()}, metadata)
+    path = tmp_path / "ours.safetensors"
+    sio.save_tensors_atomic(path, mixed, metadata)
+    ours = path.read_bytes()
+    if metadata is None:
+        assert ours == library
+    (our_header, our_data), (their_header, their_data) = split(ours), split(library)
+    assert len(ours) == len(library) and our_data == their_data
+    assert our_header == their_header
+    assert [k for k in our_header if k != "__metadata__"] == [k for k in their_header if k != "__metadata__"]
+    assert list(our_header.get("__metadata__", {})) == sorted(metadata or {})
+
+
+def test_layout_of_no_tensors():
+    assert sio.TensorLayout({}).prefix() == safetensors.torch.save({})
+    assert sio.TensorLayout({}).prefix({"a": "b"}) == safetensors.torch.save({}, {"a": "b"})
+
+
+def test_hashes_are_kohyas_of_the_library_bytes(tmp_path, tensors):
+    ss_fields = {"ss_network_dim": "4"}
+    reference = safetensors.torch.save(tensors, ss_fields)  # what kohya hashes
+    data_offset = 8 + int.from_bytes(reference[:8], "little")
+    layout = sio.TensorLayout(tensors)
+    assert len(reference) > 0x110000
+    assert layout.model_hash() == hashlib.sha256(reference[data_offset:]).hexdigest()
+    assert layout.legacy_hash(ss_fields) == hashlib.sha256(reference[0x100000:0x110000]).hexdigest()[:8]
+
+    path = tmp_path / "net.safetensors"
+    written = sio.save_hashed_atomic(path, layout, {**ss_fields, **ODD_METADATA}, ss_fields)
     with safetensors.safe_open(path, "pt") as file:
-        assert file.metadata() == {"ss_a": "1", "modelspec.title": "ünïcode \"quoted\"\n"}
+        assert file.metadata() == written
+    assert written["sshs_model_hash"] == layout.model_hash() == sio.file_model_hash(path)
+    assert written["sshs_legacy_hash"] == layout.legacy_hash(ss_fields)
+    assert written["sshs_legacy_hash"] != sio.file_legacy_hash(path)  # the window moved with the longer header
     loaded = safetensors.torch.load_file(path)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
     _, data_offset = sio.read_header(path)
-    assert (data_offset - 8) % 8 == 0
-    original_offset = 8 + int.from_bytes(original[:8], "little")
-    assert path.read_bytes()[data_offset:] == original[original_offset:]
-
-
-def test_hashes_against_hashlib(tmp_path, tensors):
-    file_bytes = sio.serialize(tensors, {"ss_network_dim": "4"})
-    model_hash, legacy_hash = sio.sshs_hashes(file_bytes)
-    data_offset = 8 + int.from_bytes(file_bytes[:8], "little")
-    assert model_hash == hashlib.sha256(file_bytes[data_offset:]).hexdigest()
-    assert legacy_hash == hashlib.sha256(file_bytes[0x100000:0x110000]).hexdigest()[:8]
-    assert len(file_bytes) > 0x110000
-
-    path = tmp_path / "net.safetensors"
-    sio.write_atomic(path, sio.replace_metadata(file_bytes, {"other": "metadata"}))
-    assert sio.file_model_hash(path) == model_hash  # metadata does not change the model hash
+    assert data_offset % 8 == 0
     assert sio.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert sio.file_legacy_hash(path) == hashlib.sha256(path.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
-    assert sio.lora_short_hash(model_hash) == model_hash[:12]
+    assert sio.lora_short_hash(written["sshs_model_hash"]) == written["sshs_model_hash"][:12]
+
+
+@pytest.mark.parametrize("header_bytes", [0x100000 - 1000, 0x100000 + 10])
+def test_legacy_hash_window_reaching_into_a_long_header(tensors, header_bytes):
+    metadata = {"ss_long": "x" * header_bytes}
+    reference = safetensors.torch.save(tensors, metadata)
+    expected = hashlib.sha256(reference[0x100000:0x110000]).hexdigest()[:8]
+    assert sio.TensorLayout(tensors).legacy_hash(metadata) == expected
+
+
+def test_short_or_failed_writes(tmp_path, tensors, monkeypatch):
+    """writev may write less than asked: the rest follows; without writev (Windows) each buffer is written."""
+    many = {f"m{i}": torch.randn(100 + i) for i in range(50)} | tensors
+    expected = safetensors.torch.save(many, {"k": "v"})
+    real_writev = sio.os.writev
+    monkeypatch.setattr(sio.os, "writev", lambda fd, buffers: real_writev(fd, [bytes(buffers[0])[:777]]))
+    sio.save_tensors_atomic(tmp_path / "short.safetensors", many, {"k": "v"})
+    assert (tmp_path / "short.safetensors").read_bytes() == expected
+    monkeypatch.setattr(sio, "_GATHER_LIMIT", 0)
+    sio.save_tensors_atomic(tmp_path / "plain.safetensors", many, {"k": "v"})
+    assert (tmp_path / "plain.safetensors").read_bytes() == expected
+
+
+def test_unwritable_dtype_is_named(tmp_path):
+    with pytest.raises(LorakitError) as excinfo:
+        sio.save_tensors_atomic(tmp_path / "c.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
+    assert "tensor z: cannot write torch.complex64" in one_line_error_naming(tmp_path / "c.safetensors", excinfo)
 
 
 def test_interrupted_save_leaves_old_file_and_no_temp(tmp_path, tensors, monkeypatch):

@@ -46,4 +46,4 @@ def _kohya_legacy_hash(path: Path, metadata: dict[str, str]) -> str:
     """``sshs_legacy_hash`` of the file's own tensors and ``ss_*`` metadata (the file's bytes, re-serialised)."""
     tensors = safetensors_io.load_tensors(path)
     ss_metadata = {key: value for key, value in metadata.items() if key.startswith("ss_")}
-    return safetensors_io.sshs_hashes(safetensors_io.serialize(tensors, ss_metadata))[1]
+    return safetensors_io.TensorLayout(tensors).legacy_hash(ss_metadata)

@@ -81,7 +81,7 @@ PREDICTION_TYPE = {"sd1": "epsilon", "sd2": "epsilon", "sd2-v": "v", "sdxl": "ep
 KOHYA_LORA_MODULE = "networks.lora"
 LYCORIS_MODULE = "lycoris.kohya"
 # Written from the tensors on every save, so a value carried over from an input file can never be stale.
-HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+HASH_KEYS = safetensors_io.HASH_KEYS
 STALE_KEYS = HASH_KEYS + ("modelspec.hash_sha256",)
 # ss_network_args entries that describe the tensors (re-derived on save); others (dropout, ...) are kept.
 STRUCTURE_ARGS = frozenset({"algo", "conv_dim", "conv_alpha", "use_tucker", "use_conv_cp"})
@@ -96,7 +96,7 @@ def load_network(path: PathLike, *, layout: naming.UNetLayout | None = None) -> 
     ``layout`` is the UNet layout used to respell compvis <-> diffusers names (default: the full-size one of the
     detected architecture); pass the model's own when it is not full-size.
     """
-    tensors = safetensors_io.load_tensors(path)
+    tensors, metadata = safetensors_io.load_file(path)
     if not tensors:
         raise LorakitError(f"{path}: holds no tensors")
     grouped = _group_by_module({**_peft_alphas(tensors, path), **tensors}, path)
@@ -108,12 +108,7 @@ def load_network(path: PathLike, *, layout: naming.UNetLayout | None = None) -> 
         if canonical in modules:
             raise LorakitError(f"{path}: module {canonical} appears twice (as {name} and in another spelling)")
         modules[canonical] = _module_weights(canonical, parts, path)
-    metadata = safetensors_io.read_metadata(path) if _is_safetensors(path) else {}
     return NetworkWeights(modules, metadata, str(path))
-
-
-def _is_safetensors(path: PathLike) -> bool:
-    return Path(path).suffix.lower() not in safetensors_io.PICKLE_SUFFIXES
 
 
 def _group_by_module(tensors: Mapping[str, torch.Tensor], path: PathLike) -> dict[str, dict[str, torch.Tensor]]:
@@ -371,6 +366,8 @@ def save_network(
     if not weights.modules:
         raise LorakitError(f"{path}: refusing to write a network with no modules")
     tensors = kohya_state_dict(weights, dtype)
+    layout = safetensors_io.TensorLayout(tensors)
+    layout.start_model_hash()  # in a thread, alongside the checks and the write
     bad = next((key for key, t in tensors.items() if not all_finite(t)), None)
     if bad:
         raise LorakitError(f"{path}: refusing to write NaN/Inf values ({bad}, in {dtype or 'the stored dtype'})")
@@ -379,29 +376,19 @@ def save_network(
     arch = arch or network_arch(NetworkWeights(weights.modules, given))
     written = {key: value for key, value in given.items() if key not in STALE_KEYS}
     written.update(_derived_metadata(weights, arch, Path(path), given, caller))
-    kohya_bytes = safetensors_io.serialize(tensors, {k: v for k, v in written.items() if k.startswith("ss_")})
-    written.update(zip(HASH_KEYS, safetensors_io.sshs_hashes(kohya_bytes)))
-    written = dict(sorted(written.items()))
-    safetensors_io.write_atomic(path, safetensors_io.replace_metadata(kohya_bytes, written))
-    return written
+    kohya_fields = {key: value for key, value in written.items() if key.startswith("ss_")}
+    return safetensors_io.save_hashed_atomic(path, layout, written, kohya_fields)
 
 
 def kohya_state_dict(weights: NetworkWeights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``<module>.<suffix>`` -> contiguous CPU tensor in ``dtype`` (else as stored), alphas as 0-d tensors.
+    """``<module>.<suffix>`` -> contiguous CPU tensor in ``dtype`` (else as stored, not copied), alphas as 0-d tensors.
 
-    A module without alpha gets none (loaders then use scale 1.0, as they did for the file it came from). Tensors
-    that share storage are copied, as safetensors refuses to write shared storage.
+    A module without alpha gets none (loaders then use scale 1.0, as they did for the file it came from).
     """
     state: dict[str, torch.Tensor] = {}
-    seen_storage: set[int] = set()
     for name, module in weights.modules.items():
         for suffix, tensor in module.tensors.items():
-            tensor = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() in seen_storage or storage.nbytes() != tensor.numel() * tensor.element_size():
-                tensor = tensor.clone()
-            seen_storage.add(tensor.untyped_storage().data_ptr())
-            state[f"{name}.{suffix}"] = tensor
+            state[f"{name}.{suffix}"] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
         if module.alpha is not None:
             alpha_dtype = dtype or next(iter(module.tensors.values())).dtype
             state[f"{name}.{ALPHA}"] = torch.tensor(module.alpha, dtype=alpha_dtype)

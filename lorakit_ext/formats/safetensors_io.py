@@ -11,20 +11,23 @@ Hashes (all lowercase hex):
   network's short hash; it does not change when only metadata changes.
 - *legacy hash* (``sshs_legacy_hash``): the sd-webui-additional-networks hash, the first 8 hex characters of the
   sha256 of the 64 KiB at byte 1 MiB of a file. Because that window depends on the header length, kohya computes it
-  on the tensors serialised with only the ``ss_*`` metadata, not on the file as written; ``sshs_hashes`` does the
-  same so our values match kohya's for the same tensors and training metadata.
+  on the tensors serialised with only the ``ss_*`` metadata, not on the file as written; ``TensorLayout.legacy_hash``
+  does the same so our values match kohya's for the same tensors and training metadata.
 - *file hash*: sha256 of the whole file, what the WebUI uses for checkpoints (short form: first 10 characters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import safetensors.torch
 import torch
@@ -82,19 +85,25 @@ def read_metadata(path: PathLike) -> dict[str, str]:
 
 
 def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor in a network file, on the CPU.
+    """Every tensor in a network file, on the CPU (``load_file`` without the metadata)."""
+    return load_file(path)[0]
+
+
+def load_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor in a network file, on the CPU, and its string metadata, from one read of the header.
 
     ``.safetensors`` (and any suffix not listed in ``PICKLE_SUFFIXES``) is checked by ``read_header`` first;
-    ``.pt``/``.pth``/``.ckpt``/``.bin`` go through ``torch.load(weights_only=True)`` and must hold a flat mapping of
-    name -> tensor (optionally under a ``state_dict`` key).
+    ``.pt``/``.pth``/``.ckpt``/``.bin`` go through ``torch.load(weights_only=True)``, must hold a flat mapping of
+    name -> tensor (optionally under a ``state_dict`` key) and have no metadata.
     """
     if Path(path).suffix.lower() in PICKLE_SUFFIXES:
-        return _load_pickled_tensors(path)
-    read_header(path)
+        return _load_pickled_tensors(path), {}
+    header, _ = read_header(path)
     try:
-        return safetensors.torch.load_file(os.fspath(path), device="cpu")
+        tensors = safetensors.torch.load_file(os.fspath(path), device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError and plain ValueErrors
         raise LorakitError(f"{path}: unreadable safetensors file ({_one_line(error)})") from None
+    return tensors, dict(header.get("__metadata__", {}))
 
 
 def _load_pickled_tensors(path: PathLike) -> dict[str, torch.Tensor]:
@@ -158,38 +167,170 @@ def _one_line(error: BaseException) -> str:
 
 # --- writing -------------------------------------------------------------------------------------------------------
 
+# safetensors' dtype names, in the order it lays tensors out (wider elements first, then by name): the legacy hash
+# reads a window of the data, so our layout is safetensors' own, byte for byte.
+DTYPE_NAMES = {
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_NAMES)}
+# A write of many small tensors goes out in few system calls where the OS gathers buffers (POSIX writev).
+_GATHER_LIMIT = os.sysconf("SC_IOV_MAX") if hasattr(os, "writev") else 0
+MODEL_HASH_KEY, LEGACY_HASH_KEY = HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+SHA256_HEX_DIGITS = 64
 
-def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """A whole safetensors file in memory (tensors must be contiguous CPU tensors not sharing storage)."""
-    return safetensors.torch.save(dict(tensors), dict(metadata) if metadata else None)
 
+class TensorLayout:
+    """Tensors placed as safetensors places them, each one's bytes a view of the tensor (nothing is copied).
 
-def replace_metadata(file_bytes: bytes, metadata: Mapping[str, str]) -> list[bytes | memoryview]:
-    """The same file with other metadata: a new header followed by a view of the unchanged tensor bytes.
-
-    Saves serialising the tensors a second time when the metadata must carry hashes of the first serialisation.
+    Everything a writer needs: the header for any metadata, the hashes of the data, the data itself. The model hash
+    can run in a background thread (``start_model_hash``; hashlib releases the GIL) while other work goes on.
     """
-    header_length = int.from_bytes(file_bytes[:LENGTH_PREFIX_BYTES], "little")
-    data_offset = LENGTH_PREFIX_BYTES + header_length
-    header = json.loads(file_bytes[LENGTH_PREFIX_BYTES:data_offset])
-    header.pop("__metadata__", None)
-    if metadata:
-        header = {"__metadata__": dict(metadata), **header}
-    header_json = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    header_json += b" " * (-len(header_json) % HEADER_ALIGNMENT)
-    prefix = len(header_json).to_bytes(LENGTH_PREFIX_BYTES, "little") + header_json
-    return [prefix, memoryview(file_bytes)[data_offset:]]
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.entries: dict[str, dict] = {}
+        self.buffers: list[memoryview] = []
+        offset = 0
+        for name in sorted(tensors, key=lambda key: (_layout_rank(key, tensors[key]), key)):
+            tensor = tensors[name].detach().to("cpu").contiguous()
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            end = offset + buffer.nbytes
+            self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+            self.buffers.append(buffer)
+            offset = end
+        self.data_bytes = offset
+        self._entries_json = _compact_json(self.entries)  # encoded once: a save builds several headers
+        self._digest = hashlib.sha256()
+        self._hasher: threading.Thread | None = None
+
+    def prefix(self, metadata: Mapping[str, str] | None = None) -> bytes:
+        """The 8-byte length and the JSON header (metadata keys sorted, padded to 8 bytes), as safetensors writes."""
+        header = self._entries_json
+        if metadata:
+            tensors = "," + header[1:] if self.entries else "}"
+            header = '{"__metadata__":' + _compact_json(dict(sorted(metadata.items()))) + tensors
+        header_bytes = header.encode("utf-8")
+        header_bytes += b" " * (-len(header_bytes) % HEADER_ALIGNMENT)
+        return len(header_bytes).to_bytes(LENGTH_PREFIX_BYTES, "little") + header_bytes
+
+    def start_model_hash(self) -> None:
+        """Start hashing the data in a background thread (once)."""
+        if self._hasher is None:
+            self._hasher = threading.Thread(target=_update_digest, args=(self._digest, self.buffers), daemon=True)
+            self._hasher.start()
+
+    def model_hash(self) -> str:
+        """``sshs_model_hash``: sha256 of the data, i.e. of everything after the header."""
+        self.start_model_hash()
+        self._hasher.join()
+        return self._digest.hexdigest()
+
+    def legacy_hash(self, metadata: Mapping[str, str] | None) -> str:
+        """The legacy hash of these tensors written with ``metadata`` (kohya: with only the ``ss_*`` fields)."""
+        prefix = self.prefix(metadata)
+        start, end = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH
+        window = prefix[start:end] + self._data(max(start - len(prefix), 0), end - len(prefix))
+        return hashlib.sha256(window).hexdigest()[:8]
+
+    def _data(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of the data (clipped to it), gathered from the tensors they fall in."""
+        pieces = []
+        for entry, buffer in zip(self.entries.values(), self.buffers):
+            first, last = entry["data_offsets"]
+            if last > start and first < end:
+                pieces.append(buffer[max(start - first, 0) : min(end, last) - first])
+        return b"".join(pieces)
+
+
+def _layout_rank(name: str, tensor: torch.Tensor) -> int:
+    if tensor.dtype not in _LAYOUT_RANK:
+        raise LorakitError(f"tensor {name}: cannot write {tensor.dtype} to safetensors")
+    return _LAYOUT_RANK[tensor.dtype]
+
+
+def _compact_json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _update_digest(digest, buffers: Iterable[memoryview]) -> None:
+    for buffer in buffers:
+        digest.update(buffer)
 
 
 def save_tensors_atomic(
     path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write a safetensors file so that readers see the old file or the whole new one, never a part."""
-    write_atomic(path, [serialize(tensors, metadata)])
+    try:
+        layout = TensorLayout(tensors)
+    except LorakitError as error:
+        raise LorakitError(f"{path}: {error}") from None
+    with _atomic_file(path) as file:
+        file.write(layout.prefix(metadata))
+        _write_buffers(file, layout.buffers)
+
+
+def save_hashed_atomic(
+    path: PathLike, layout: TensorLayout, metadata: Mapping[str, str], legacy_metadata: Mapping[str, str]
+) -> dict[str, str]:
+    """Write ``layout`` atomically with ``metadata`` plus ``sshs_model_hash`` and ``sshs_legacy_hash`` (of the tensors
+    written with ``legacy_metadata``, kohya's ``ss_*`` fields); return the metadata written.
+
+    The tensor bytes are written once, while the model hash runs in its thread (started here unless the caller
+    started it sooner), under a placeholder hash of the same width; the header is rewritten once the hash is known.
+    """
+    layout.start_model_hash()
+    written = {**metadata, MODEL_HASH_KEY: "0" * SHA256_HEX_DIGITS, LEGACY_HASH_KEY: layout.legacy_hash(legacy_metadata)}
+    with _atomic_file(path) as file:
+        placeholder = layout.prefix(written)
+        file.write(placeholder)
+        _write_buffers(file, layout.buffers)
+        written[MODEL_HASH_KEY] = layout.model_hash()
+        final = layout.prefix(written)
+        assert len(final) == len(placeholder), "a hash changed the header length"
+        file.seek(0)
+        file.write(final)
+    return dict(sorted(written.items()))
+
+
+def _write_buffers(file: BinaryIO, buffers: list[memoryview]) -> None:
+    """Every byte of ``buffers`` in order: gathered into few ``writev`` calls where the OS has it, else one write
+    each. ``writev`` may write less than asked (a signal, a full disk that frees up); the rest is written again."""
+    if not _GATHER_LIMIT:
+        for buffer in buffers:
+            file.write(buffer)
+        return
+    file.flush()
+    descriptor = file.fileno()
+    pending = [buffer for buffer in buffers if buffer.nbytes]
+    index = 0
+    while index < len(pending):
+        written = os.writev(descriptor, pending[index : index + _GATHER_LIMIT])
+        while written and written >= pending[index].nbytes:
+            written -= pending[index].nbytes
+            index += 1
+        if written:
+            pending[index] = pending[index][written:]
 
 
 def write_atomic(path: PathLike, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write ``chunks`` to a temp file beside ``path``, fsync it, then ``os.replace`` it over ``path``.
+    """Write ``chunks`` to a file atomically (see ``_atomic_file``)."""
+    with _atomic_file(path) as file:
+        for chunk in chunks:
+            file.write(chunk)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """A new temp file beside ``path`` to write into; on leaving, fsync it and ``os.replace`` it over ``path``.
 
     On any failure (disk full, interrupt) the temp file is removed and an existing ``path`` is left untouched;
     OS errors become a one-line ``LorakitError`` naming the file.
@@ -200,8 +341,7 @@ def write_atomic(path: PathLike, chunks: Iterable[bytes | memoryview]) -> None:
         # os.open with 0o666 lets the umask decide the final permissions, as a plain open() would.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(descriptor, "wb") as file:
-            for chunk in chunks:
-                file.write(chunk)
+            yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, target)
@@ -229,19 +369,6 @@ def _fsync_folder(folder: Path) -> None:
 
 
 # --- hashes --------------------------------------------------------------------------------------------------------
-
-
-def sshs_hashes(file_bytes: bytes) -> tuple[str, str]:
-    """(``sshs_model_hash``, ``sshs_legacy_hash``) of an in-memory safetensors file.
-
-    For kohya's values ``file_bytes`` must be the tensors serialised with only their ``ss_*`` metadata (see the
-    module docstring for why the legacy hash depends on it); the model hash is the same for any metadata.
-    """
-    view = memoryview(file_bytes)
-    data_offset = LENGTH_PREFIX_BYTES + int.from_bytes(view[:LENGTH_PREFIX_BYTES], "little")
-    model_hash = hashlib.sha256(view[data_offset:]).hexdigest()
-    legacy_hash = hashlib.sha256(view[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH]).hexdigest()[:8]
-    return model_hash, legacy_hash
 
 
 def file_model_hash(path: PathLike) -> str:
