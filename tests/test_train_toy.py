@@ -192,6 +192,56 @@ def test_nan_loss_stops_with_the_promised_message(adapter, tmp_path):
     assert _model_checksum(adapter) == before
 
 
+def test_nan_loss_before_any_save_keeps_the_last_good_weights(adapter, tmp_path):
+    def poisoned(run, batch):
+        loss = run.diffusion_loss(batch)
+        return loss * float("inf") if len(run.losses) >= 2 else loss
+
+    config = _config(tmp_path, max_train_steps=10)
+    with pytest.raises(LorakitError) as error:
+        train(config, adapter, hooks=TrainHooks(batch_loss=poisoned))
+    kept = Path(config.output_dir) / "toy-last-good-step00000002.safetensors"
+    assert str(error.value).startswith(f"loss became inf at step 3 (epoch 1): training stopped, the weights after "
+                                       f"step 2 are saved as {kept}; lower learning_rate (now 0.002)")
+    assert load_network(kept).metadata["ss_steps"] == "2"
+    clean = train(_config(tmp_path / "clean", max_train_steps=2), adapter)  # the same two steps, no poison
+    expected, got = _final_factors(clean.output), _final_factors(kept)
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_save_last_n_steps_keeps_the_files_and_states_of_the_last_n_steps(adapter, tmp_path):
+    config = _config(tmp_path, max_train_steps=9, save_every_n_steps=2, save_last_n_steps=4, save_state=True)
+    events = []
+    result = train(config, adapter, lambda **event: events.append(event))
+    written = [Path(p).name for e in events for p in e.get("files", [])]
+    assert written == [f"toy-step0000000{s}.safetensors" for s in (2, 4, 6, 8)] + ["toy.safetensors"]
+    out = Path(config.output_dir)
+    # kohya's rule: at step 8 the file of step 8 - 4 - 1 = 3, rounded down to a multiple of 2, goes
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "toy-step00000004.safetensors", "toy-step00000006.safetensors", "toy-step00000008.safetensors",
+        "toy.safetensors",
+    ]
+    assert sorted(p.name for p in out.glob("*-state")) == [
+        "toy-state", "toy-step00000004-state", "toy-step00000006-state", "toy-step00000008-state",
+    ]
+    assert result.steps == 9
+
+
+def test_resume_refuses_a_state_saved_with_other_training_options(adapter, tmp_path):
+    first = train(_config(tmp_path / "a", max_train_steps=2, save_state=True), adapter)
+    for number, (change, fragment) in enumerate((
+        ({"learning_rate": 1e-3}, "learning_rate 0.002 -> 0.001"),
+        ({"seed": 4, "network_dim": 4}, "network_dim 8 -> 4, seed 3 -> 4"),
+    )):
+        with pytest.raises(LorakitError) as error:
+            train(_config(tmp_path / f"b{number}", max_train_steps=4, resume=str(first.state), **change), adapter)
+        message = str(error.value)
+        assert message.startswith(f"resume: {first.state} was saved with other training options (")
+        assert fragment in message and "\n" not in message
+    more = train(_config(tmp_path / "c", max_train_steps=4, output_name="more", resume=str(first.state)), adapter)
+    assert more.steps == 4 and len(more.losses) == 2  # a longer run, other folders and names: allowed
+
+
 def test_bad_datasets_are_refused_before_training(adapter, tmp_path):
     empty = tmp_path / "nothing_here"
     (empty / "5_concept").mkdir(parents=True)

@@ -10,6 +10,7 @@ a step count restores every random draw; no RNG state needs saving.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def load_state(
     network: Network,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    check_config: Callable[[dict], None] | None = None,
 ) -> tuple[Progress, dict]:
-    """Restore network, optimizer and scheduler in place from a state folder; returns the progress and config."""
+    """Restore network, optimizer and scheduler in place from a state folder; returns the progress and config.
+    ``check_config`` sees the saved config first (and raises to refuse it) before anything is restored."""
     folder = Path(folder)
     try:
         document = json.loads((folder / STATE_FILE).read_text())
@@ -82,6 +85,8 @@ def load_state(
         raise LorakitError(f"resume: {folder / STATE_FILE} is not valid JSON ({error})") from None
     if document.get("version") != STATE_VERSION:
         raise LorakitError(f"resume: {folder} has state version {document.get('version')}, expected {STATE_VERSION}")
+    if check_config is not None:
+        check_config(document["config"])
     tensors = safetensors_io.load_tensors(folder / TENSORS_FILE)
     with torch.no_grad():
         for name, suffix, param in _factors(network):

@@ -192,6 +192,30 @@ def resolved_steps(config: TrainConfig, batches_per_epoch: int, processes: int =
     return steps_per_epoch, max_steps, math.ceil(max_steps / steps_per_epoch)
 
 
+# Options whose change makes a resumed run train differently from the run it continues (refused on resume). Paths
+# (a moved dataset), saving, sampling, caching and the step count (extending a run) may change.
+RESUME_MUST_MATCH = (
+    "resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+    "caption_extension", "default_caption", "shuffle_caption", "keep_tokens", "caption_dropout_rate",
+    "caption_prefix", "caption_suffix", "flip_aug", "masked_loss", "prior_loss_weight",
+    "network_algo", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "network_args", "network_dropout",
+    "rank_dropout", "module_dropout", "network_train_unet_only",
+    "optimizer_type", "optimizer_args", "learning_rate", "unet_lr", "text_encoder_lr", "lr_scheduler",
+    "lr_warmup_steps", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_grad_norm",
+    "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "seed", "noise_offset",
+    "multires_noise_iterations", "multires_noise_discount", "min_snr_gamma", "min_timestep", "max_timestep",
+)
+
+
+def check_resumed_config(config: TrainConfig, saved: dict) -> None:
+    """Refuse to resume a state saved under options that change the result (``RESUME_MUST_MATCH``)."""
+    now = config.to_dict()
+    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in RESUME_MUST_MATCH if key in saved and saved[key] != now[key]]
+    if changed:
+        raise LorakitError(f"resume: {config.resume} was saved with other training options ({', '.join(changed)}); "
+                           "set them back to continue that run, or start a new one")
+
+
 def warmup_steps(config: TrainConfig, max_steps: int) -> int:
     """``lr_warmup_steps``; a value below 1 is a fraction of all steps (kohya's newer form)."""
     value = config.lr_warmup_steps
@@ -323,8 +347,11 @@ class TrainingRun:
         if adapter.dtype != torch.float32 and config.mixed_precision == "no":
             raise LorakitError(f"the model is in {adapter.dtype}: set mixed_precision to fp16 or bf16 to train on it")
         self.notes = config.warnings() + model_flag_notes(config, adapter)
-        self.dataset = TrainDataset(config.dataset_config(), config.seed)
         self.accelerator = _accelerator(config.mixed_precision)
+        if config.mixed_precision != "no" and not self.accelerator.native_amp:
+            self.notes.append(f"mixed_precision {config.mixed_precision}: accelerate does not autocast to it on "
+                              f"{self.accelerator.device.type}; training runs in fp32")
+        self.dataset = TrainDataset(config.dataset_config(), config.seed)
         self.process, self.processes = self.accelerator.process_index, self.accelerator.num_processes
         batches = len(self.dataset.epoch_batches(0, config.train_batch_size))
         if batches < self.processes:
@@ -366,7 +393,9 @@ class TrainingRun:
             )
             progress = Progress(0, 0, 0)
             if config.resume:
-                progress, _ = load_state(config.resume, network, optimizer, scheduler)
+                progress, _ = load_state(
+                    config.resume, network, optimizer, scheduler, lambda saved: check_resumed_config(config, saved)
+                )
                 self.report(step=progress.global_step, total=self.max_steps, message=f"resumed from {config.resume}")
             optimizer = self.accelerator.prepare(optimizer)
             if config.cache_latents:
@@ -443,7 +472,7 @@ class TrainingRun:
                 loss = self.batch_loss(self.make_batch(examples))
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise LorakitError(self._non_finite_message(step + 1, epoch, value))
+                raise self._stop_on_non_finite(step + 1, epoch, value)
             accelerator.backward(loss / len(group))
             total += value / len(group)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -538,15 +567,26 @@ class TrainingRun:
 
         self.latent_cache = LatentCache(self.adapter, self.config.cache_latents_to_disk, None)
 
-    def _non_finite_message(self, step: int, epoch: int, value: float) -> str:
+    def _stop_on_non_finite(self, step: int, epoch: int, value: float) -> LorakitError:
+        """The error for a NaN/Inf loss at (1-based) ``step``. The loss is checked before backward, so the network
+        still holds the weights of the last good step: with no periodic file saved yet they are saved now as
+        ``<name>-last-good-step<N>.safetensors``."""
         last = next((path for path in reversed(self.files) if path.exists()), None)
-        kept = f"the last good file is {last}" if last else "no file was saved before it"
-        advice = "lower learning_rate (now %g)" % self.config.learning_rate
+        if last is not None:
+            kept = f"the last good file is {last}"
+        elif step > 1 and self.accelerator.is_main_process:
+            name = f"{self.config.output_name}-last-good-step{step - 1:08d}.safetensors"
+            last = self._save(self.network, Progress(step - 1, epoch, 0), name)
+            kept = f"the weights after step {step - 1} are saved as {last}"
+        else:
+            kept = "no step had completed, nothing was saved"
+        advice = f"lower learning_rate (now {self.config.learning_rate:g})"
         if self.config.mixed_precision == "fp16":
             advice += ", use mixed_precision bf16 or no instead of fp16"
         if not self.config.max_grad_norm:
             advice += ", set max_grad_norm (1.0)"
-        return f"loss became {value} at step {step} (epoch {epoch + 1}): training stopped, {kept}; {advice}"
+        return LorakitError(f"loss became {value} at step {step} (epoch {epoch + 1}): training stopped, {kept}; "
+                            f"{advice}")
 
     # --- saving and sampling ----------------------------------------------------------------------------------------
 
