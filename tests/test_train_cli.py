@@ -60,3 +60,31 @@ def test_model_flag_loads_an_ldm_checkpoint_with_its_yaml(tmp_path, dataset, cap
     checkpoint.with_suffix(".yaml").unlink()
     assert main(base + ["--model", str(checkpoint)]) == 2
     assert "toy_sd1.yaml must sit beside the checkpoint" in capsys.readouterr().err
+
+
+def test_trained_file_names_and_hashes_the_model_it_was_trained_on(tmp_path, dataset, capsys):
+    import hashlib
+
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.toy.export import export_checkpoint
+
+    checkpoint = export_checkpoint(tmp_path / "models")
+    out = tmp_path / "out"
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--max_train_steps", "1",
+                 "--network_train_unet_only", "--output_dir", str(out), "--model", str(checkpoint)])
+    assert code == 0, capsys.readouterr().err
+    metadata = load_network(out / "lora.safetensors").metadata
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert metadata["ss_sd_model_name"] == checkpoint.name
+    assert metadata["ss_sd_model_hash"] == sha256[:10]  # the WebUI's "Model hash" of the checkpoint
+    assert metadata["ss_new_sd_model_hash"] == sha256
+
+
+def test_model_source_prefers_the_hosts_hash_and_a_folder_has_none(tmp_path):
+    from lorakit_ext.train.model_source import ModelSource
+
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"x" * 100)
+    assert ModelSource(checkpoint, known_hash="abcdef0123").metadata() == {
+        "ss_sd_model_name": "model.safetensors", "ss_sd_model_hash": "abcdef0123"}  # the file is not hashed
+    assert ModelSource(tmp_path).metadata() == {"ss_sd_model_name": tmp_path.name}  # a diffusers folder

@@ -290,6 +290,7 @@ def test_saved_files_carry_training_metadata_and_epoch_names(adapter, tmp_path):
     assert json.loads(meta["ss_dataset_dirs"]) == {f"10_{TRIGGER}": {"n_repeats": 10, "img_count": 1}}
     assert json.loads(meta["ss_tag_frequency"]) == {f"10_{TRIGGER}": {TRIGGER: 1}}
     assert "ss_training_finished_at" in meta
+    assert "ss_sd_model_name" not in meta and "ss_sd_model_hash" not in meta  # this adapter has no ModelSource
     samples = sorted((out / "sample").glob("*.png"))
     assert [p.name for p in samples] == [f"toy_00000{step}_0{i}_5.png" for step in (4, 6) for i in (0, 1)]
     steps = [e.step for e in events if "loss" in e.values]

@@ -99,15 +99,23 @@ def _print_event(event) -> None:
 
 
 def load_adapter(path: str | None):
-    """The model to train on this process's device: the toy model, an ldm checkpoint + yaml, or a diffusers folder."""
+    """The model to train on this process's device: the toy model, an ldm checkpoint + yaml, or a diffusers folder,
+    with its ``ModelSource`` (name and hash for the saved files' metadata) attached as ``adapter.source``."""
+    adapter, source = _load(path)
+    adapter.source = source
+    return adapter
+
+
+def _load(path: str | None):
     from lorakit_ext.models.ldm import LdmAdapter
+    from lorakit_ext.train.model_source import ModelSource
     from lorakit_ext.train.trainer import process_state
 
     device = process_state().device
     if not path:
-        from lorakit_ext.toy.model import load_toy_model
+        from lorakit_ext.toy.model import CHECKPOINT_PATH, load_toy_model
 
-        return LdmAdapter(load_toy_model(device))
+        return LdmAdapter(load_toy_model(device)), ModelSource(CHECKPOINT_PATH)
     location = Path(path)
     if location.is_dir():
         from diffusers import DiffusionPipeline
@@ -115,7 +123,7 @@ def load_adapter(path: str | None):
         from lorakit_ext.models.diffusers_adapter import DiffusersAdapter
 
         pipe = DiffusionPipeline.from_pretrained(location, local_files_only=True).to(device)
-        return DiffusersAdapter.from_pipeline(pipe)
+        return DiffusersAdapter.from_pipeline(pipe), ModelSource(location)
     if not location.is_file():
         raise LorakitError(f"--model {path}: no such file or folder")
     yaml = location.with_suffix(".yaml")
@@ -126,4 +134,4 @@ def load_adapter(path: str | None):
     from lorakit_ext.toy.model import load_checkpoint
 
     config = OmegaConf.to_container(OmegaConf.load(yaml), resolve=True)
-    return LdmAdapter(load_checkpoint(location, config, device))
+    return LdmAdapter(load_checkpoint(location, config, device)), ModelSource(location)

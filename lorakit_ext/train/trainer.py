@@ -744,6 +744,9 @@ class TrainingRun:
             "ss_tag_frequency": json.dumps({Path(c.path).name: c.tag_frequency for c in summary.concepts}),
             "ss_training_comment": config.training_comment or None,
         }
+        source = getattr(self.adapter, "source", None)  # a ModelSource, when whoever loaded the model gave one
+        if source is not None:
+            metadata.update(source.metadata())
         if final:
             metadata["ss_training_finished_at"] = time.time()
         metadata.update(self.hooks.metadata)

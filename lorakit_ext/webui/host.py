@@ -144,6 +144,7 @@ class WebUIHost:
         from modules import devices, sd_hijack, shared
 
         from lorakit_ext.models.ldm import LdmAdapter
+        from lorakit_ext.train.model_source import ModelSource
 
         if shared.cmd_opts.lowvram:
             raise LorakitError("training needs the whole model on the GPU: restart the WebUI without --lowvram")
@@ -155,6 +156,10 @@ class WebUIHost:
                                "to Disable and reload the checkpoint")
         self._undo_lora_patches(model)
         adapter = LdmAdapter(model)
+        info = getattr(model, "sd_checkpoint_info", None)
+        if info is not None:  # the name and the hash the WebUI shows, for the trained files' ss_sd_model_* fields
+            known_hash = getattr(info, "shorthash", None) or getattr(model, "sd_model_hash", None)
+            adapter.source = ModelSource(info.filename, known_hash)
         swap_attention = not getattr(shared.opts, "training_xattention_optimizations", False)
         # --medvram: the WebUI's hooks move each part to the GPU when its wrapper runs; training calls the UNet
         # directly, so it is put there for the job (text encoder and VAE still move by their hooks).
