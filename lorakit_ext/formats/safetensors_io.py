@@ -182,8 +182,8 @@ DTYPE_NAMES = {
     torch.bool: "BOOL",
 }
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_NAMES)}
-# A write of many small tensors goes out in few system calls where the OS gathers buffers (POSIX writev).
-_GATHER_LIMIT = os.sysconf("SC_IOV_MAX") if hasattr(os, "writev") else 0
+# POSIX's floor for how many buffers one writev takes.
+MIN_IOV_MAX = 16
 MODEL_HASH_KEY, LEGACY_HASH_KEY = HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 SHA256_HEX_DIGITS = 64
 
@@ -256,6 +256,19 @@ def _layout_rank(name: str, tensor: torch.Tensor) -> int:
     return _LAYOUT_RANK[tensor.dtype]
 
 
+def _gather_limit() -> int:
+    """How many buffers one ``writev`` takes: many small tensors go out in few system calls (0: no ``writev``)."""
+    if not hasattr(os, "writev"):
+        return 0
+    try:
+        return max(os.sysconf("SC_IOV_MAX"), MIN_IOV_MAX)
+    except (ValueError, OSError):
+        return MIN_IOV_MAX
+
+
+_GATHER_LIMIT = _gather_limit()
+
+
 def _compact_json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
@@ -302,8 +315,9 @@ def save_hashed_atomic(
 
 
 def _write_buffers(file: BinaryIO, buffers: list[memoryview]) -> None:
-    """Every byte of ``buffers`` in order: gathered into few ``writev`` calls where the OS has it, else one write
-    each. ``writev`` may write less than asked (a signal, a full disk that frees up); the rest is written again."""
+    """Every byte of ``buffers`` in order: gathered into few ``writev`` calls where the OS has it (not Windows), else
+    one write each. ``writev`` may write less than asked (a signal; a disk filling up, when the next call raises),
+    so the rest is written again."""
     if not _GATHER_LIMIT:
         for buffer in buffers:
             file.write(buffer)
