@@ -607,10 +607,10 @@ def check_fits_model(
     if unmatched:
         problems.append(f"{len(unmatched)} of {total} modules match no target of the model ({_first_few(unmatched)})")
     if misfits:
-        name = misfits[0]
+        name, others = misfits[0], f"; also {_first_few(misfits[1:], 2)}" if len(misfits) > 1 else ""
         problems.append(
-            f"{len(misfits)} of {total} modules do not fit the model's weights (e.g. {name} makes a delta of "
-            f"{_describe_delta(weights.modules[name])} but the model's weight is {tuple(targets[name])})"
+            f"{len(misfits)} of {total} modules do not fit the model's weights ({name} makes a delta of "
+            f"{_describe_delta(weights.modules[name])} but the model's weight is {tuple(targets[name])}{others})"
         )
     archs = f"made for {network_arch(weights) or 'an unknown architecture'}"
     if model_arch:
