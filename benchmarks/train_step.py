@@ -8,8 +8,8 @@ LoRA steps alternate, so load from other processes on a shared machine falls on 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py [--size 256] [--rank 16] [--steps 3] [--threads 1]
 
 On a GPU (``--device cuda``) the defaults become 512x512, batch 4, and ``--mixed-precision fp16|bf16`` runs as the
-trainer does: the frozen UNet's weights in that dtype, the network in fp32 under autocast (fp16 with a gradient
-scaler); the line adds it/s and the peak VRAM (``torch.cuda.max_memory_allocated``):
+trainer does: the frozen UNet's weights in that dtype (on the CPU they stay fp32), the network in fp32 under
+autocast (fp16 with a gradient scaler); the line adds it/s and the peak VRAM (``torch.cuda.max_memory_allocated``):
 
     python benchmarks/train_step.py --device cuda --mixed-precision bf16 [--size 512] [--batch 4] [--steps 10]
 """
