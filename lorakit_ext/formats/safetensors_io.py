@@ -297,8 +297,9 @@ def save_hashed_atomic(
     """Write ``layout`` atomically with ``metadata`` plus ``sshs_model_hash`` and ``sshs_legacy_hash`` (of the tensors
     written with ``legacy_metadata``, kohya's ``ss_*`` fields); return the metadata written.
 
-    The tensor bytes are written once, while the model hash runs in its thread (started here unless the caller
-    started it sooner), under a placeholder hash of the same width; the header is rewritten once the hash is known.
+    The tensor bytes are written once, and synced to disk, while the model hash runs in its thread (started here
+    unless the caller started it sooner), under a placeholder hash of the same width; the header is rewritten once
+    the hash is known, so the final sync has one page left to write.
     """
     layout.start_model_hash()
     written = {**metadata, MODEL_HASH_KEY: "0" * SHA256_HEX_DIGITS, LEGACY_HASH_KEY: layout.legacy_hash(legacy_metadata)}
@@ -306,6 +307,8 @@ def save_hashed_atomic(
         placeholder = layout.prefix(written)
         file.write(placeholder)
         _write_buffers(file, layout.buffers)
+        file.flush()
+        os.fsync(file.fileno())
         written[MODEL_HASH_KEY] = layout.model_hash()
         final = layout.prefix(written)
         assert len(final) == len(placeholder), "a hash changed the header length"
