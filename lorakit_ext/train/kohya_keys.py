@@ -120,12 +120,12 @@ LYCORIS_ALGOS = {"lora": "locon", "locon": "locon", "loha": "loha"}  # LyCORIS' 
 
 def translate(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
     """kohya-only options of the flattened ``values`` mapped to ``TrainConfig`` fields; returns the new values and
-    one note per option accepted without effect."""
+    one note per option accepted without effect (and set: ``xformers = false`` needs no note)."""
     values = dict(values)
     notes = []
     for key in sorted(set(values) & set(NO_EFFECT)):
-        values.pop(key)
-        notes.append(f"{key}: ignored, {NO_EFFECT[key]}")
+        if values.pop(key) not in (None, False, 0, "", []):  # an option left off (GUI exports write them all)
+            notes.append(f"{key}: ignored, {NO_EFFECT[key]}")
     for key in sorted(set(values) & set(DIFFERENT_RESULT)):
         value = values.pop(key)
         defaults, instead = DIFFERENT_RESULT[key]
