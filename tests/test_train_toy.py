@@ -77,8 +77,8 @@ def _config(tmp_path: Path, **options) -> TrainConfig:
 
 
 def _fixed_loss(adapter, weights=None) -> float:
-    """Noise-prediction error on the training image at fixed noise and timesteps 300..900 (below 300 the error is
-    mostly the unpredictable fine noise, which no network removes), with or without a network."""
+    """Noise-prediction error on the training image at fixed noise (4 draws) and timesteps 300..900 (below 300 the
+    error is mostly the unpredictable fine noise, which no network removes), with or without a network."""
     from lorakit_ext.toy.shapes import ShapeSpec, render
 
     image, _ = render(ShapeSpec(**SPEC))
@@ -90,7 +90,7 @@ def _fixed_loss(adapter, weights=None) -> float:
     try:
         with torch.no_grad():
             torch.manual_seed(0)  # the VAE samples its latent distribution
-            t = torch.arange(300, 1000, 100).repeat(2)
+            t = torch.arange(300, 1000, 100).repeat(4)
             latents = adapter.encode_images(pixels).repeat(len(t), 1, 1, 1)
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
             alphas = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -120,8 +120,11 @@ def test_overfitting_one_image_learns_its_colour_and_shape(adapter, tmp_path):
     assert _model_checksum(adapter) == before
     weights = load_network(result.output)
     base_loss, trained_loss = _fixed_loss(adapter), _fixed_loss(adapter, weights)
-    print(f"fixed-batch loss {base_loss:.4f} -> {trained_loss:.4f}")
-    assert trained_loss < 0.8 * base_loss
+    print(f"fixed-batch loss {base_loss:.4f} -> {trained_loss:.4f} (x{base_loss / trained_loss:.2f})")
+    # The per-step training loss is too noisy to compare (its first-10 vs last-10 step means went up for one seed);
+    # this loss is deterministic. Measured on the toy model: it falls 1.44-1.50x in these 40 steps (seeds 3-5) and
+    # levels off near 1.7x at this learning rate (80-160 steps); the floor set by the VAE's sampling is ~0.0002.
+    assert trained_loss <= base_loss / 1.25
     network = network_from_weights(weights, adapter.targets(), adapter.arch)
     network.attach()
     try:
