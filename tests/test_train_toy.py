@@ -374,3 +374,13 @@ def test_latent_and_text_caches_and_masked_loss(adapter, tmp_path):
     image.save(data / f"10_{TRIGGER}" / "one.png")
     masked = train(_config(tmp_path / "d", train_data_dir=str(data), max_train_steps=2, masked_loss=True), adapter)
     assert masked.losses == [0.0, 0.0]
+
+
+def test_fp16_on_the_cpu_says_it_has_no_effect_and_trains(adapter, tmp_path):
+    """accelerate does not autocast to fp16 on a CPU (bf16 it does): the run says so and trains in fp32."""
+    events = []
+    result = train(_config(tmp_path, max_train_steps=2, mixed_precision="fp16"), adapter,
+                   lambda **event: events.append(event))
+    messages = [e["message"] for e in events if e.get("message")]
+    assert "warning: mixed_precision fp16: accelerate does not autocast to it on cpu; training runs in fp32" in messages
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)

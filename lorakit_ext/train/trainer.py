@@ -471,7 +471,11 @@ class TrainingRun:
             with accelerator.autocast():
                 loss = self.batch_loss(self.make_batch(examples))
             value = float(loss.detach())
-            if not math.isfinite(value):
+            finite = math.isfinite(value)
+            if self.processes > 1:  # every process stops together, or the others would wait in the reduction
+                flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+                finite = float(accelerator.reduce(flag, reduction="sum")) == 0
+            if not finite:
                 raise self._stop_on_non_finite(step + 1, epoch, value)
             accelerator.backward(loss / len(group))
             total += value / len(group)
@@ -585,8 +589,8 @@ class TrainingRun:
             advice += ", use mixed_precision bf16 or no instead of fp16"
         if not self.config.max_grad_norm:
             advice += ", set max_grad_norm (1.0)"
-        return LorakitError(f"loss became {value} at step {step} (epoch {epoch + 1}): training stopped, {kept}; "
-                            f"{advice}")
+        what = f"loss became {value}" if not math.isfinite(value) else "the loss of another process became non-finite"
+        return LorakitError(f"{what} at step {step} (epoch {epoch + 1}): training stopped, {kept}; {advice}")
 
     # --- saving and sampling ----------------------------------------------------------------------------------------
 
