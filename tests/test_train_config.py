@@ -183,6 +183,7 @@ mem_eff_attn = false
 gradient_checkpointing = true
 clip_skip = 1
 seed = 1234
+sample_sampler = "euler_a"
 noise_offset = 0.05
 min_snr_gamma = 5
 logging_dir = "{out}/logs"
@@ -210,6 +211,8 @@ def test_a_kohya_gui_toml_loads_mapped_with_one_note_per_ignored_key(tmp_path):
     ignored = ["log_with", "logging_dir", "persistent_data_loader_workers", "xformers"]  # the ones set (not false/0)
     assert sorted(n.split(":")[0] for n in notes if ": ignored, " in n) == ignored
     assert "xformers: ignored, attention is chosen by the host" in notes
+    assert config.sample_sampler == "euler"
+    assert "sample_sampler euler_a: samples are drawn with euler (lorakit has euler and ddim)" in notes
     assert all("\n" not in n for n in notes)
     config.with_overrides({"learning_rate": 2e-4}).validate()  # the notes survive overrides; the config validates
     assert config.with_overrides({"learning_rate": 2e-4}).warnings() == notes

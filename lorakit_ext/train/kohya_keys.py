@@ -107,6 +107,10 @@ RENAMED = {
     "alpha_mask": "masked_loss",  # the alpha channel is the mask when mask_dir is not given
 }
 
+# kohya's sample samplers; lorakit draws samples with euler or ddim (samples do not change what is trained)
+KOHYA_SAMPLERS = ("pndm", "lms", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
+                  "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+
 # network_args keys lorakit reads; any other would change the network or its training (refused), except the
 # LyCORIS switches below at their defaults (kohya_ss GUI exports write them all)
 NETWORK_ARGS = ("algo", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout")
@@ -135,6 +139,11 @@ def translate(values: dict[str, Any], source: str) -> tuple[dict[str, Any], list
     for old, new in RENAMED.items():
         if old in values:
             values.setdefault(new, values.pop(old))
+    sampler = values.get("sample_sampler")
+    if sampler in KOHYA_SAMPLERS:
+        values["sample_sampler"] = "euler"
+        if sampler != "k_euler":
+            notes.append(f"sample_sampler {sampler}: samples are drawn with euler (lorakit has euler and ddim)")
     if "network_module" in values:
         values["network_algo"] = _algo_for_module(values.pop("network_module"), values.get("network_args"), source)
     return values, notes
