@@ -99,6 +99,10 @@ def test_docs_table_lists_every_option_with_its_default():
     assert schema_markdown() in text, "docs/train-config.md is stale: regenerate the table from schema_markdown()"
     for option in fields(TrainConfig):
         assert f"`{option.name}`" in text
+    from lorakit_ext.train.kohya_keys import DIFFERENT_RESULT, NO_EFFECT
+
+    for key in [*NO_EFFECT, *DIFFERENT_RESULT]:  # the kohya options accepted or refused are listed too
+        assert f"`{key}`" in text, key
 
 
 def test_example_configs_validate_against_the_schema():

@@ -62,6 +62,9 @@ NO_EFFECT: dict[str, str] = {
     "metadata_license": "not written",
     "metadata_tags": "not written",
     "noise_offset_type": "kohya_ss GUI field; noise_offset and multires_noise_iterations choose the noise",
+    "huber_c": "used only with loss_type huber or smooth_l1; the loss is l2",
+    "huber_schedule": "used only with loss_type huber or smooth_l1; the loss is l2",
+    "huber_scale": "used only with loss_type huber or smooth_l1; the loss is l2",
 }
 
 # kohya option -> (kohya's default values, what lorakit does instead). At a default the option is accepted silently;
@@ -77,6 +80,9 @@ DIFFERENT_RESULT: dict[str, tuple[tuple[Any, ...], str]] = {
     "token_warmup_min": ((1, None), "token warmup is not implemented"),
     "token_warmup_step": ((0, None), "token warmup is not implemented"),
     "weighted_captions": ((False,), "caption weights like (word:1.2) are not parsed"),
+    "keep_tokens_separator": ((None, ""), "keep_tokens counts the leading tags"),
+    "secondary_separator": ((None, ""), "tags are separated by commas only"),
+    "enable_wildcard": ((False,), "caption wildcards are not expanded"),
     "zero_terminal_snr": ((False,), "the model's own noise schedule is used"),
     "scale_v_pred_loss_like_noise_pred": ((False,), "the v loss is not rescaled"),
     "v_pred_like_loss": ((None, 0), "the eps loss has no v-like term"),
