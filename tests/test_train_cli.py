@@ -88,3 +88,10 @@ def test_model_source_prefers_the_hosts_hash_and_a_folder_has_none(tmp_path):
     assert ModelSource(checkpoint, known_hash="abcdef0123").metadata() == {
         "ss_sd_model_name": "model.safetensors", "ss_sd_model_hash": "abcdef0123"}  # the file is not hashed
     assert ModelSource(tmp_path).metadata() == {"ss_sd_model_name": tmp_path.name}  # a diffusers folder
+
+
+def test_a_kohya_v_parameterization_flag_on_the_eps_toy_model_is_refused(dataset, capsys):
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--v_parameterization", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: v_parameterization = true, but the model (sd1) predicts eps")
+    assert err.count("\n") == 1

@@ -210,7 +210,9 @@ RESUME_MUST_MATCH = (
 def check_resumed_config(config: TrainConfig, saved: dict) -> None:
     """Refuse to resume a state saved under options that change the result (``RESUME_MUST_MATCH``)."""
     now = config.to_dict()
-    changed = [f"{key} {saved[key]!r} -> {now[key]!r}" for key in RESUME_MUST_MATCH if key in saved and saved[key] != now[key]]
+    changed = [
+        f"{key} {saved[key]!r} -> {now[key]!r}" for key in RESUME_MUST_MATCH if key in saved and saved[key] != now[key]
+    ]
     if changed:
         raise LorakitError(f"resume: {config.resume} was saved with other training options ({', '.join(changed)}); "
                            "set them back to continue that run, or start a new one")
