@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -795,8 +796,6 @@ def process_state():
     told to use the CPU (``accelerate launch --cpu`` sets ACCELERATE_USE_CPU); otherwise each would train alone on
     all the data. Whoever touches accelerate first (the CLI's model loading, the trainer) goes through here.
     """
-    import os
-
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 

@@ -158,7 +158,8 @@ class WebUIHost:
         adapter = LdmAdapter(model)
         info = getattr(model, "sd_checkpoint_info", None)
         if info is not None:  # the name and the hash the WebUI shows, for the trained files' ss_sd_model_* fields
-            known_hash = getattr(info, "shorthash", None) or getattr(model, "sd_model_hash", None)
+            calculate = getattr(info, "calculate_shorthash", None)  # the WebUI's cached hashing, else ours once
+            known_hash = getattr(info, "shorthash", None) or (calculate() if calculate else None)
             adapter.source = ModelSource(info.filename, known_hash)
         swap_attention = not getattr(shared.opts, "training_xattention_optimizations", False)
         # --medvram: the WebUI's hooks move each part to the GPU when its wrapper runs; training calls the UNet
