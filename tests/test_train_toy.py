@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats.kohya import load_network
@@ -110,7 +111,7 @@ def test_overfitting_one_image_learns_its_colour_and_shape(adapter, tmp_path):
     before = _model_checksum(adapter)
     config = _config(
         tmp_path,
-        max_train_steps=40,
+        max_train_steps=80,
         train_batch_size=2,
         learning_rate=5e-3,
         max_grad_norm=0,
@@ -122,19 +123,21 @@ def test_overfitting_one_image_learns_its_colour_and_shape(adapter, tmp_path):
     base_loss, trained_loss = _fixed_loss(adapter), _fixed_loss(adapter, weights)
     print(f"fixed-batch loss {base_loss:.4f} -> {trained_loss:.4f} (x{base_loss / trained_loss:.2f})")
     # The per-step training loss is too noisy to compare (its first-10 vs last-10 step means went up for one seed);
-    # this loss is deterministic. Measured: it falls 1.53-1.72x in these 40 steps on the toy model (seeds 3-5;
-    # 1.44-1.50x on its earlier weights, where 80-160 steps levelled off near 1.7x); the VAE-sampling floor is ~0.0002.
+    # this loss is deterministic. Measured: it falls 1.53-1.72x in 40 steps on the toy model (seeds 3-5) and levels
+    # off near 1.7-1.8x by 80-160 steps; the VAE-sampling floor is ~0.0002.
     assert trained_loss <= base_loss / 1.25
     network = network_from_weights(weights, adapter.targets(), adapter.arch)
     network.attach()
     try:
-        images = to_uint8(sample(adapter, [TRIGGER] * 4, 0, steps=12, cfg_scale=4.0, width=SIZE, height=SIZE))
+        images = to_uint8(sample(adapter, [TRIGGER] * 8, 0, steps=12, cfg_scale=4.0, width=SIZE, height=SIZE))
     finally:
         network.detach()
     found = [measure(image) for image in images]
     print("samples:", [(m.color, m.shape) for m in found])
-    assert sum(m.color == SPEC["color"] for m in found) >= 3
-    assert sum(m.shape == SPEC["shape"] for m in found) >= 3
+    # measured 6 of 8 for each (shape is what the toy model learns last: after 40 steps the LoRA had the colour but
+    # still drew 6 circles in 8)
+    assert sum(m.color == SPEC["color"] for m in found) >= 5
+    assert sum(m.shape == SPEC["shape"] for m in found) >= 5
     assert _model_checksum(adapter) == before
 
 
@@ -384,3 +387,32 @@ def test_fp16_on_the_cpu_says_it_has_no_effect_and_trains(adapter, tmp_path):
     messages = [e["message"] for e in events if e.get("message")]
     assert "warning: mixed_precision fp16: accelerate does not autocast to it on cpu; training runs in fp32" in messages
     assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_training_starts_from_network_weights_and_refuses_a_file_for_another_model(adapter, tmp_path):
+    """``network_weights``: the run continues from the file's factors; a file whose modules the model lacks (an SDXL
+    name on this SD1 model) is refused in one line naming the file, instead of silently loading nothing."""
+    first = load_network(train(_config(tmp_path / "a", max_train_steps=2, output_name="a"), adapter).output)
+    source = tmp_path / "a" / "out" / "a.safetensors"
+    resumed = train(_config(tmp_path / "b", max_train_steps=1, output_name="b", learning_rate=1e-12,
+                            network_weights=str(source)), adapter)
+    continued = load_network(resumed.output)
+    assert set(continued.modules) == set(first.modules)
+    for name, module in first.modules.items():
+        for key, tensor in module.tensors.items():
+            assert torch.allclose(continued.modules[name].tensors[key].float(), tensor.float(), atol=1e-5), (name, key)
+
+    tensors = load_file(source)
+    unet_module = next(k for k in tensors if k.startswith("lora_unet_")).split(".")[0]
+    foreign = {  # one module under a name only SDXL's UNet has (its 6th transformer block of input block 7)
+        key.replace(unet_module, "lora_unet_input_blocks_7_1_transformer_blocks_5_attn1_to_q"): value
+        for key, value in tensors.items()
+        if key.startswith(unet_module + ".")
+    }
+    save_file(foreign, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(LorakitError) as error:
+        train(_config(tmp_path / "c", max_train_steps=1, network_weights=str(tmp_path / "foreign.safetensors")), adapter)
+    message = str(error.value)
+    assert "foreign.safetensors" in message and "made for sdxl, the model is sd1" in message
+    assert "1 of 1 modules match no target" in message
+    assert "\n" not in message

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.formats.kohya import check_fits_model, load_network, save_network
 from lorakit_ext.models.base import ModelAdapter
 from lorakit_ext.networks.network import Network, NetworkSpec, create_network
 from lorakit_ext.train.config import TrainConfig
@@ -250,6 +250,7 @@ def build_network(config: TrainConfig, adapter: ModelAdapter) -> tuple[Network, 
     notes = []
     if config.network_weights:
         weights = load_network(config.network_weights)
+        check_fits_model(weights, {t.name: t.shape for t in adapter.targets()}, adapter.arch)
         matched = 0
         with torch.no_grad():
             for name, module in network.lora_modules.items():
