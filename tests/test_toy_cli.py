@@ -1,5 +1,5 @@
-"""``toy export`` writes what the WebUI loads (weights + yaml that builds without a download); ``demo`` writes the
-prompt x seed grid the README points to."""
+"""``toy export`` writes what the WebUI loads (weights + yaml that builds without a download); ``toy grid`` writes a
+prompt x seed grid of what the model draws."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lorakit_ext.cli import main
-from lorakit_ext.toy import demo
+from lorakit_ext.toy import grid as demo_grid
 from lorakit_ext.toy.model import CHECKPOINT_NAME, CHECKPOINT_PATH, TEXT_DIR, load_checkpoint
 
 
@@ -33,18 +33,18 @@ def test_export_onto_a_file_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error: --to") and "\n" not in err
 
 
-def test_demo_writes_the_default_grid(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    grid_path = tmp_path / demo.GRID_NAME
+def test_grid_writes_the_default_prompts_by_seeds(tmp_path, capsys):
+    assert main(["toy", "grid", "--out", str(tmp_path)]) == 0
+    grid_path = tmp_path / demo_grid.GRID_NAME
     assert str(grid_path) in capsys.readouterr().out
     grid = np.asarray(Image.open(grid_path).convert("RGB"))
     cell = 2 * 64
-    assert grid.shape[0] == len(demo.PROMPTS) * cell and grid.shape[1] > demo.SEEDS * cell
-    first_image = grid[:cell, -demo.SEEDS * cell :][:, :cell]
+    assert grid.shape[0] == len(demo_grid.PROMPTS) * cell and grid.shape[1] > demo_grid.SEEDS * cell
+    first_image = grid[:cell, -demo_grid.SEEDS * cell :][:, :cell]
     assert first_image.std() > 20  # a picture, not a flat field
 
 
-def test_demo_takes_prompts_and_seeds(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--prompt", "a red circle", "--seeds", "2", "--steps", "4"]) == 0
-    assert Image.open(tmp_path / demo.GRID_NAME).size[1] == 2 * 64
-    assert main(["demo", "--out", str(tmp_path), "--seeds", "0"]) == 2
+def test_grid_takes_prompts_and_seeds(tmp_path):
+    assert main(["toy", "grid", "--out", str(tmp_path), "--prompt", "a red circle", "--seeds", "2", "--steps", "4"]) == 0
+    assert Image.open(tmp_path / demo_grid.GRID_NAME).size[1] == 2 * 64
+    assert main(["toy", "grid", "--out", str(tmp_path), "--seeds", "0"]) == 2

@@ -3,7 +3,7 @@
 Everything that makes it SD1 is kept (4 UNet levels, 2 ResBlocks each, cross-attention on every level but the
 deepest, 8x VAE downsampling to 4 latent channels, a CLIP text model with CLIP's 49408-token vocabulary and 77
 positions, SD1's noise schedule, eps prediction), so every SD1 code path (WebUI Lora names, kohya conversion,
-diffusers) runs on it unchanged. Only the widths are small: UNet 4.2 M, VAE 2.8 M, text encoder 3.3 M parameters
+diffusers) runs on it unchanged. Only the widths are small: UNet 4.2 M, VAE 4.1 M, text encoder 3.3 M parameters
 (3.2 M of them CLIP's token embedding).
 """
 
@@ -58,8 +58,10 @@ VAE_DDCONFIG: dict[str, Any] = {
     "resolution": IMAGE_SIZE,
     "in_channels": 3,
     "out_ch": 3,
-    "ch": 32,
-    "ch_mult": [1, 1, 2, 4],
+    # 64 channels at full resolution: ldm's Normalize is GroupNorm(32 groups), so at 32 channels every norm is an
+    # InstanceNorm that wipes each channel's mean over the image, and with it a flat shape's absolute color
+    "ch": 64,
+    "ch_mult": [1, 1, 2, 2],
     "num_res_blocks": 1,
     "attn_resolutions": [],
     "dropout": 0.0,

@@ -1,6 +1,6 @@
 """Pretrain the toy model on synthetic shapes: VAE first, then UNet and text encoder on cached latents.
 
-    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~1 hour on one CPU thread
+    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~30 min on a free CPU thread
     python -m lorakit_ext.toy.pretrain --out /tmp/toy --quick            # a few steps, for a smoke test
 
 Seeded and single-threaded, so the same command gives the same file. Writes the checkpoint (fp16, ldm keys), its
@@ -9,10 +9,10 @@ ldm ``.yaml`` (with the measured latent ``scale_factor``) and the diffusers conf
 
 Recipe: the VAE learns with MSE + L1, a weak KL and a pull of its latents toward each 8x8 cell's mean color (see
 ``latent_anchor``); its decoder is refined alone at the end. The UNet (eps prediction, SD1 schedule) learns from
-latents sampled from the cached posteriors, with AdamW, linear warmup then cosine decay, Min-SNR-5 loss weights, 10% empty captions for classifier-free guidance
-and an EMA of the weights, which is what ships. The text encoder's transformer trains jointly; its token embedding
-stays at its random init (only ~60 of its 49408 rows are ever used, and Adam on the full table costs more than
-the rest of the encoder).
+latents sampled from the cached posteriors, with AdamW, linear warmup then cosine decay, Min-SNR-5 loss weights,
+10% empty captions for classifier-free guidance and an EMA of the weights, which is what ships. The text encoder's
+transformer trains jointly; its token embedding stays at its random init (only ~60 of its 49408 rows are ever
+used, and Adam on the full table costs more than the rest of the encoder).
 """
 
 from __future__ import annotations
@@ -35,22 +35,22 @@ from torch import nn
 
 from lorakit_ext.formats.safetensors_io import file_sha256, save_tensors_atomic, write_atomic
 from lorakit_ext.toy import shapes
-from lorakit_ext.toy.config import diffusers_configs, ldm_config
+from lorakit_ext.toy.config import UNET_PARAMS, VAE_DDCONFIG, diffusers_configs, ldm_config
 from lorakit_ext.toy.model import CHECKPOINT_NAME, TEXT_DIR, WEIGHTS_DIR, build_model, checkpoint_state_dict
 
 
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    vae_steps: int = 1000
-    vae_decoder_steps: int = 1000
+    vae_steps: int = 500
+    vae_decoder_steps: int = 400
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_anchor_weight: float = 0.1
     vae_kl_weight: float = 1e-6
     vae_initial_logvar: float = -8.0
-    latent_count: int = 20000
-    unet_steps: int = 2000
+    latent_count: int = 8000
+    unet_steps: int = 1300
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -97,9 +97,9 @@ def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
 def latent_anchor(pixels: torch.Tensor) -> torch.Tensor:
     """What the latent is pulled toward: each 8x8 cell's mean RGB and mean gray level.
 
-    The VAE's GroupNorms (32 groups: one channel per group at 32 channels) make absolute color hard to discover
-    from reconstruction alone: unanchored, the encoder learns shapes and brightness in minutes but hue only after
-    hours. Anchored, color is in the latent from the first steps, and the latents look like a small image, as SD's do.
+    The VAE's GroupNorms remove each group's mean over the image, so absolute color is slow to discover from
+    reconstruction alone: unanchored, the encoder learns shapes and brightness in minutes but hue only much later.
+    Anchored, color is in the latent from the first steps, and the latents look like a small image, as SD's do.
     """
     cells = F.avg_pool2d(pixels, 8)
     return torch.cat([cells, cells.mean(dim=1, keepdim=True)], dim=1)
@@ -268,15 +268,35 @@ def write_outputs(model: nn.Module, scale_factor: float, out_dir: Path, name: st
 
 
 def stage_cache(work_dir: Path, stage: str, recipe: Recipe, fields: tuple[str, ...]) -> Path:
-    """Where a stage's result is kept: named by the recipe fields it depends on, so a changed recipe retrains."""
-    key = json.dumps({name: getattr(recipe, name) for name in ("seed", *fields)}, sort_keys=True)
+    """Where a stage's result is kept: named by the architecture and the recipe fields it depends on, so a changed
+    recipe or width retrains."""
+    fields_used = {name: getattr(recipe, name) for name in ("seed", *fields)}
+    key = json.dumps({"vae": VAE_DDCONFIG, "unet": UNET_PARAMS, **fields_used}, sort_keys=True)
     return work_dir / f"{stage}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
 
 
-VAE_FIELDS = ("vae_steps", "vae_batch", "vae_lr", "vae_anchor_weight", "vae_kl_weight", "vae_initial_logvar", "warmup_steps")
+VAE_FIELDS = (
+    "vae_steps", "vae_batch", "vae_lr", "vae_anchor_weight", "vae_kl_weight", "vae_initial_logvar", "warmup_steps",
+)
+DECODER_FIELDS = VAE_FIELDS + ("vae_decoder_steps",)
 DENOISER_FIELDS = VAE_FIELDS + (
     "latent_count", "unet_steps", "unet_batch", "unet_lr", "empty_caption_rate", "min_snr_gamma", "ema_decay",
 )
+
+
+def refine_decoder(vae: nn.Module, recipe: Recipe, work_dir: Path) -> None:
+    """The decoder stage, cached like the others (it depends on the VAE stage only, so it can run beside the UNet
+    stage in another process and be picked up from ``work_dir``)."""
+    from safetensors.torch import load_file
+
+    decoder_cache = stage_cache(work_dir, "decoder", recipe, DECODER_FIELDS)
+    if decoder_cache.is_file():
+        vae.decoder.load_state_dict(load_file(decoder_cache))
+        log(f"decoder loaded from {decoder_cache}")
+        return
+    torch.manual_seed(recipe.seed + 4)
+    train_vae(vae, recipe, "decoder", np.random.default_rng(recipe.seed + 5))
+    save_tensors_atomic(decoder_cache, vae.decoder.state_dict())
 
 
 def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
@@ -321,8 +341,7 @@ def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
         train_denoiser(model, posteriors, specs, recipe, np.random.default_rng(recipe.seed + 3), save)
         save_tensors_atomic(denoiser_cache, denoiser.state_dict(), {"scale_factor": repr(model.scale_factor)})
 
-    torch.manual_seed(recipe.seed + 4)
-    train_vae(vae, recipe, "decoder", np.random.default_rng(recipe.seed + 5))
+    refine_decoder(vae, recipe, work_dir)
     log(f"vae held-out psnr after the decoder stage {vae_psnr(vae, held_out):.2f} dB")
     checkpoint = write_outputs(model, model.scale_factor, out_dir)
     log(f"wrote {checkpoint} ({checkpoint.stat().st_size / 1e6:.1f} MB) sha256 {file_sha256(checkpoint)}")

@@ -3,7 +3,8 @@
 Every attribute a prompt can name (shape, color, size, background) is drawn from a seed, so datasets, slider
 pairs and quality checks are reproducible without any files. Size is continuous underneath (``extent``: the
 shape's width as a fraction of the image) and only its coarse bin is named in the caption. The same module
-measures generated images (dominant foreground color, fill ratio), so the quality gates need no external model.
+measures generated images (dominant foreground color, best-matching silhouette, area), so the quality gates need
+no external model.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 # extent ranges per size word: the shape's bounding-box width as a fraction of the image width
 SIZES: dict[str, tuple[float, float]] = {"small": (0.26, 0.36), "medium": (0.42, 0.54), "large": (0.62, 0.80)}
-# fill ratio of the bounding box for each shape (an upright isosceles triangle fills half of it)
-FILL_RATIOS = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 # caption templates and how often each is used: short prompts like "a red circle" must work too
 CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
     ("a {size} {color} {shape} on a {background} background", 0.35),
@@ -141,7 +140,7 @@ def with_extent(spec: ShapeSpec, extent: float) -> ShapeSpec:
 @dataclass(frozen=True)
 class Measurement:
     color: str | None  # palette color nearest the mean foreground color; None when no foreground was found
-    shape: str | None  # shape whose bounding-box fill ratio is nearest
+    shape: str | None  # shape whose silhouette, drawn in the foreground's bounding box, overlaps it best (IoU)
     area: float  # foreground pixels as a fraction of the image
     fill_ratio: float  # foreground pixels / bounding-box pixels
 
@@ -162,7 +161,21 @@ def measure(image: np.ndarray) -> Measurement:
     mean_color = image[mask].astype(np.float32).mean(axis=0)
     color = min(COLORS, key=lambda name: float(np.linalg.norm(mean_color - np.asarray(COLORS[name]))))
     rows, cols = np.nonzero(mask)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = float(mask.sum() / box)
-    shape = min(FILL_RATIOS, key=lambda name: abs(FILL_RATIOS[name] - fill))
-    return Measurement(color, shape, float(mask.mean()), fill)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    fill = float(mask.sum() / ((bottom - top) * (right - left)))
+    return Measurement(color, nearest_silhouette(mask, (top, bottom, left, right)), float(mask.mean()), fill)
+
+
+def nearest_silhouette(mask: np.ndarray, box: tuple[int, int, int, int]) -> str:
+    """The shape whose silhouette, drawn to fill ``box`` (top, bottom, left, right), has the highest IoU with
+    ``mask``. It compares whole outlines, so a soft-cornered square stays a square and an upright triangle is told
+    by where its area lies, which a fill ratio alone (a rounded square's is close to a circle's) cannot do."""
+    top, bottom, left, right = box
+    center = ((left + right) / 2, (top + bottom) / 2)
+    extent = ((bottom - top) + (right - left)) / 2 / mask.shape[0]
+
+    def iou(shape: str) -> float:
+        silhouette = render_mask(ShapeSpec(shape, "white", "black", extent, center, mask.shape[0])) > 0.5
+        return float((silhouette & mask).sum() / (silhouette | mask).sum())
+
+    return max(SHAPES, key=iou)

@@ -1,4 +1,4 @@
-"""``python -m lorakit_ext demo --out DIR``: what the toy model draws, as a prompt x seed grid PNG."""
+"""``python -m lorakit_ext toy grid --out DIR``: what the toy model draws, as a prompt x seed grid PNG."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PROMPTS = (
     "a large black triangle on a gray background",
 )
 SEEDS = 4
-GRID_NAME = "toy_demo.png"
+GRID_NAME = "toy_grid.png"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
