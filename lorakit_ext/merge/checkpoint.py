@@ -18,8 +18,8 @@ from torch import Tensor
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import STALE_KEYS, all_finite, network_arch
-from lorakit_ext.merge.algebra import Progress, arch_family, concat, low_rank_terms, network_record, to_module
-from lorakit_ext.merge.svd import RankRule, Report, Spectrum, file_overhead_bytes, recompress_all
+from lorakit_ext.merge.algebra import Progress, arch_family, concat, low_rank_terms, network_record
+from lorakit_ext.merge.svd import RankRule, Report, Spectrum, compressed_network
 from lorakit_ext.models import naming
 from lorakit_ext.networks.weights import NetworkWeights
 
@@ -176,15 +176,7 @@ def extract_lora(
     if not spectra:
         raise LorakitError(f"{tuned}: no targeted weight differs from {base}: nothing to extract")
     metadata = {"ss_extracted_from": json.dumps({"base": source_record(base), "tuned": source_record(tuned)})}
-    terms, report = recompress_all(
-        spectra,
-        rule,
-        clamp_quantile=clamp_quantile,
-        size_overhead_bytes=file_overhead_bytes(spectra, metadata, bytes_per_value),
-        bytes_per_value=bytes_per_value,
-    )
-    modules = {name: to_module(term) for name, term in terms.items()}
-    return NetworkWeights(modules, metadata), report
+    return compressed_network(spectra, rule, metadata, clamp_quantile=clamp_quantile, bytes_per_value=bytes_per_value)
 
 
 def dense_spectrum(matrix: Tensor, shape: tuple[int, ...], wanted: int | None) -> Spectrum:

@@ -286,12 +286,24 @@ def merge_compressed(
         if progress:
             progress(done, len(terms), name)
     metadata = {**(metadata or {}), **merged_metadata(networks, ratios, sources)}
-    compressed, report = recompress_all(
+    return compressed_network(spectra, rule, metadata, clamp_quantile=clamp_quantile, bytes_per_value=bytes_per_value)
+
+
+def compressed_network(
+    spectra: Mapping[str, Spectrum],
+    rule: RankRule,
+    metadata: Mapping[str, str],
+    *,
+    clamp_quantile: float | None = None,
+    bytes_per_value: int = 2,
+) -> tuple[NetworkWeights, Report]:
+    """The network file ``spectra`` truncated under ``rule`` make, with ``metadata`` (counted against a ``size:``
+    budget along with the header)."""
+    terms, report = recompress_all(
         spectra,
         rule,
         clamp_quantile=clamp_quantile,
         size_overhead_bytes=file_overhead_bytes(spectra, metadata, bytes_per_value),
         bytes_per_value=bytes_per_value,
     )
-    modules = {name: to_module(term) for name, term in compressed.items()}
-    return NetworkWeights(modules, metadata), report
+    return NetworkWeights({name: to_module(term) for name, term in terms.items()}, dict(metadata)), report

@@ -599,32 +599,37 @@ class TrainingRun:
     # --- saving and sampling ----------------------------------------------------------------------------------------
 
     def _after_step(self, network, optimizer, scheduler, progress: Progress) -> tuple[list[str], list[str]]:
-        config, step = self.config, progress.global_step
+        config = self.config
+        return self._save_and_sample(
+            network, optimizer, scheduler, progress, "step", progress.global_step,
+            config.save_every_n_steps, config.save_last_n_steps, config.sample_every_n_steps,
+        )
+
+    def _after_epoch(self, network, optimizer, scheduler, progress: Progress) -> tuple[list[str], list[str]]:
+        config = self.config
+        if progress.epoch >= self.epochs:  # the final save and samples come after the loop
+            return [], []
+        return self._save_and_sample(
+            network, optimizer, scheduler, progress, "epoch", progress.epoch,
+            config.save_every_n_epochs, config.save_last_n_epochs, config.sample_every_n_epochs,
+        )
+
+    def _save_and_sample(
+        self, network, optimizer, scheduler, progress: Progress, kind: str, now: int,
+        save_every: int | None, keep_last: int | None, sample_every: int | None,
+    ) -> tuple[list[str], list[str]]:
+        """The periodic save (with its state and kohya's last-N retention) and samples due after ``now`` steps or
+        epochs; only the main process writes."""
         files, images = [], []
         if not self.accelerator.is_main_process:
             return files, images
-        if config.save_every_n_steps and step % config.save_every_n_steps == 0:
-            path = self._save(network, progress, saved_name(config.output_name, step=step))
+        if save_every and now % save_every == 0:
+            path = self._save(network, progress, saved_name(self.config.output_name, **{kind: now}))
             files.append(str(path))
-            if config.save_state:
+            if self.config.save_state:
                 self._save_state(network, optimizer, scheduler, progress, path.stem + "-state")
-            self._retain("step", step, config.save_every_n_steps, config.save_last_n_steps)
-        if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
-            images += self._sample(network, progress)
-        return files, images
-
-    def _after_epoch(self, network, optimizer, scheduler, progress: Progress) -> tuple[list[str], list[str]]:
-        config, epoch = self.config, progress.epoch  # epochs done
-        files, images = [], []
-        if epoch >= self.epochs or not self.accelerator.is_main_process:
-            return files, images
-        if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0:
-            path = self._save(network, progress, saved_name(config.output_name, epoch=epoch))
-            files.append(str(path))
-            if config.save_state:
-                self._save_state(network, optimizer, scheduler, progress, path.stem + "-state")
-            self._retain("epoch", epoch, config.save_every_n_epochs, config.save_last_n_epochs)
-        if config.sample_every_n_epochs and epoch % config.sample_every_n_epochs == 0:
+            self._retain(kind, now, save_every, keep_last)
+        if sample_every and now % sample_every == 0:
             images += self._sample(network, progress)
         return files, images
 
