@@ -107,6 +107,29 @@ def test_script_registers_tab_settings_api_and_axes_once(webui):
     assert callbacks.manager() is callbacks.manager()
 
 
+def _event(blocks, elem_id: str, trigger: str):
+    """The Python function gradio runs when the component with ``elem_id`` fires ``trigger``."""
+    ids = [block_id for block_id, block in blocks.blocks.items() if getattr(block, "elem_id", None) == elem_id]
+    index = next(i for i, d in enumerate(blocks.dependencies) if d["trigger"] == trigger and d["targets"] == ids)
+    return blocks.fns[index].fn
+
+
+def test_merge_picker_lists_files_saved_after_the_page_was_built(webui):
+    """The WebUI builds the page once at start: opening Merge shows files saved since, and the refresh button
+    rescans the folder for files put there by hand (a real WebUI 1.10.1 showed an empty picker after a training)."""
+    _register(webui)
+    blocks = webui.callbacks.ui_tabs_callback()[0][0]
+    picker = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lorakit_merge_pick")
+    assert picker.choices == []
+    saved = webui.lora_dir / "lorakit" / "trained.safetensors"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")
+    webui.networks.list_available_networks()  # what a job does after each save
+    (webui.lora_dir / "by_hand.safetensors").write_bytes(b"")
+    assert _event(blocks, "lorakit_merge_tab", "select")()["choices"] == ["trained"]
+    assert _event(blocks, "lorakit_merge_refresh", "click")()["choices"] == ["by_hand", "trained"]
+
+
 def _api_answers(app, requests):
     """(status, JSON body, WWW-Authenticate) for each (method, path, auth) sent to ``app`` in process."""
     import asyncio

@@ -130,8 +130,8 @@ class LorakitTabs:
                 self._train_tab()
             with gr.Tab("Copier/Difference", elem_id="lorakit_slider_tab"):
                 self._slider_tab()
-            with gr.Tab("Merge", elem_id="lorakit_merge_tab"):
-                self._merge_tab()
+            with gr.Tab("Merge", elem_id="lorakit_merge_tab") as merge_tab:
+                self._merge_tab(merge_tab)
 
     # --- following a job ------------------------------------------------------------------------------------------
 
@@ -176,6 +176,12 @@ class LorakitTabs:
             size = TrainConfig.from_dict({"resolution": resolution}, source="grid").resolution
             return operations.grid_operation(files, seed=int(seed), steps=max(1, int(steps)), size=size)
         yield from self.start(task_id, build)
+
+    def lora_choices(self, rescan: bool) -> dict:
+        """The Merge picker's choices: the host's Lora list, read again from disk first when ``rescan``."""
+        if rescan:
+            self.host.refresh_networks()
+        return gr.update(choices=sorted(self.host.list_networks()))
 
     def stop_running(self, cancel: bool) -> str:
         record = self.manager.running()
@@ -383,7 +389,7 @@ class LorakitTabs:
 
     # --- Merge ----------------------------------------------------------------------------------------------------
 
-    def _merge_tab(self) -> None:
+    def _merge_tab(self, opened: gr.Tab) -> None:
         with gr.Row():
             pick = gr.Dropdown(label="LoRA", choices=sorted(self.host.list_networks()), elem_id="lorakit_merge_pick")
             refresh = gr.Button("🔄", elem_id="lorakit_merge_refresh", scale=0)
@@ -433,7 +439,10 @@ class LorakitTabs:
                 return operations.merge_operation(request, self.host)
             yield from self.start(task, build)
 
-        refresh.click(lambda: gr.update(choices=sorted(self.host.list_networks())), outputs=[pick])
+        # The page is built once, when the WebUI starts: opening the tab shows the files saved since (the host's list
+        # is refreshed after each save); the button also rescans the folder for files put there by hand.
+        opened.select(lambda: self.lora_choices(rescan=False), outputs=[pick])
+        refresh.click(lambda: self.lora_choices(rescan=True), outputs=[pick])
         add.click(on_add, inputs=[table, pick], outputs=[table])
         remove.click(lambda rows: merge_rows(rows)[:-1], inputs=[table], outputs=[table])
         describe.click(on_describe, inputs=[table], outputs=[summary])
