@@ -174,3 +174,6 @@ def test_merge_into_writes_a_new_checkpoint_beside_the_models(client):
     before, after = safetensors.torch.load_file(CHECKPOINT_PATH), safetensors.torch.load_file(written)
     changed = [key for key in before if not torch.equal(before[key].float(), after[key].float())]
     assert len(changed) == 2 and snapshot["result"]["weights_changed"] == 2
+    config = written.with_suffix(".yaml")  # the WebUI builds a checkpoint from the config beside it
+    assert config.read_bytes() == CHECKPOINT_PATH.with_suffix(".yaml").read_bytes()
+    assert snapshot["result"]["files"] == [str(written), str(config)]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.safetensors_io import file_sha256, lora_short_hash
+from lorakit_ext.formats.safetensors_io import file_sha256, lora_short_hash, write_atomic
 from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.ui import paths
 from lorakit_ext.ui.host import Host
@@ -183,7 +183,8 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
             summary = checkpoint_merge.merge_into_checkpoint(
                 host.checkpoint_path(), loaded, ratios, save_to, save_dtype=dtype, sources=sources, progress=progress
             )
-            return {**file_result(save_to, [save_to]), "weights_changed": summary["weights_changed"]}
+            written = [save_to, *copy_checkpoint_config(host.checkpoint_path(), save_to)]
+            return {**file_result(save_to, written), "weights_changed": summary["weights_changed"]}
         if request.mode == "extract":
             merged, report_data = checkpoint_merge.extract_lora(
                 base, tuned, rule, include_kxk_convs=rule.conv_rank is not None, clamp_quantile=request.clamp_quantile,
@@ -336,6 +337,18 @@ def grid_operation(files: list[str], weights: tuple[float, ...] = GRID_WEIGHTS, 
         return {**file_result(output, []), "weights": list(weights), "rows": [str(p) for p in networks]}
 
     return Operation("grid", f"epoch x weight grid of {networks[-1].stem}", run, needs_model=True)
+
+
+def copy_checkpoint_config(checkpoint: Path, merged: Path) -> list[Path]:
+    """The checkpoint's ``.yaml`` copied beside the merged file: the WebUI builds a checkpoint from the config
+    beside it, and without one guesses from the weights (a real WebUI 1.10.1 then failed to load the toy model's
+    merge). [] when the checkpoint has none."""
+    config = checkpoint.with_suffix(".yaml")
+    if not config.is_file():
+        return []
+    copied = merged.with_suffix(".yaml")
+    write_atomic(copied, [config.read_bytes()])
+    return [copied]
 
 
 # --- results -------------------------------------------------------------------------------------------------------
