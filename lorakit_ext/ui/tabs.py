@@ -107,7 +107,8 @@ def _escape(text: str) -> str:
 
 def notices_markdown(host: Host) -> str:
     icons = {"error": "⛔", "warning": "⚠️", "info": "ℹ️"}
-    return "\n\n".join(f"{icons[n.level]} {n.message}" for n in host.notices())
+    # escaped: Markdown takes "<lora:name:w>" for an HTML tag and drops it (seen in a real WebUI 1.10.1)
+    return "\n\n".join(f"{icons[n.level]} {_escape(n.message)}" for n in host.notices())
 
 
 # --- the tab -------------------------------------------------------------------------------------------------------
