@@ -193,7 +193,9 @@ class LorakitTabs:
 
     def job_outputs(self, prefix: str, trains: bool = True):
         """Progress bar, status line, loss plot and samples (shown for trainings only), result line and details."""
-        progress = gr.HTML(self.bar(0.0, ""), elem_id=f"lorakit_{prefix}_progress")
+        # The WebUI draws its bar at the top of the progress element's parent (style.css positions it there).
+        with gr.Column(elem_classes="lorakit-progress-box"):
+            progress = gr.HTML(self.bar(0.0, ""), elem_id=f"lorakit_{prefix}_progress")
         status = gr.Textbox(label="Progress", interactive=False, elem_id=f"lorakit_{prefix}_status")
         plot = gr.LinePlot(x="step", y="loss", title="Loss", width=480, height=220, visible=trains,
                            elem_id=f"lorakit_{prefix}_plot")
