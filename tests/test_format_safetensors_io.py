@@ -164,7 +164,12 @@ def test_layout_writes_what_the_library_writes(tmp_path, tensors, metadata):
 
 def test_layout_of_no_tensors():
     assert sio.TensorLayout({}).prefix() == safetensors.torch.save({})
-    assert sio.TensorLayout({}).prefix({"a": "b"}) == safetensors.torch.save({}, {"a": "b"})
+    with_metadata = sio.TensorLayout({}).prefix({"a": "b"})
+    assert json.loads(with_metadata[8:]) == {"__metadata__": {"a": "b"}}
+    library = safetensors.torch.save({}, {"a": "b"})
+    if library[8:].startswith(b"{},"):  # safetensors 0.3 (the WebUI's era) writes this case as invalid JSON
+        return
+    assert with_metadata == library
 
 
 def test_hashes_are_kohyas_of_the_library_bytes(tmp_path, tensors):

@@ -117,7 +117,7 @@ def test_transformers_loads_the_text_encoder_from_the_checkpoint_keys(model, che
     from transformers import CLIPTextModel
 
     save_file({k[len(TEXT_PREFIX) :]: v.float() for k, v in checkpoint.items() if k.startswith(TEXT_PREFIX)},
-              str(tmp_path / "model.safetensors"))
+              str(tmp_path / "model.safetensors"), {"format": "pt"})  # transformers 4.30 needs the key
     (tmp_path / "config.json").write_text(json.dumps(TEXT_CONFIG))
     text_model = CLIPTextModel.from_pretrained(str(tmp_path)).eval()
     tokens = model.cond_stage_model.tokenizer(

@@ -22,6 +22,7 @@ TOY_DIR = Path(__file__).resolve().parent
 TEXT_DIR = TOY_DIR / "clip"
 WEIGHTS_DIR = TOY_DIR / "weights"
 CHECKPOINT_NAME = "toy_sd1.safetensors"
+POSITION_IDS = "embeddings.position_ids"
 CHECKPOINT_PATH = WEIGHTS_DIR / CHECKPOINT_NAME
 CONFIG_PATH = CHECKPOINT_PATH.with_suffix(".yaml")
 DIFFUSERS_CONFIG_PATH = WEIGHTS_DIR / "toy_sd1.diffusers.json"
@@ -89,6 +90,12 @@ def load_checkpoint(
     state = load_file(path)
     if not hasattr(model.cond_stage_model.transformer, "text_model"):
         state = {key.replace(TEXT_PREFIX + TEXT_LEVEL, TEXT_PREFIX, 1): value for key, value in state.items()}
+    # transformers before 4.31 (the WebUI 1.10's 4.30) keeps CLIP's position_ids as a saved buffer; the file, like
+    # the newer library, has none: take the model's own (it is arange(77), not a weight)
+    expected = model.state_dict()
+    for key in expected:
+        if key.endswith(POSITION_IDS) and key not in state:
+            state[key] = expected[key]
     model.load_state_dict(state, strict=True)
     for name in SUBMODELS:
         getattr(model, name).to(device=device, dtype=dtype)
