@@ -69,6 +69,8 @@ def test_state_is_safetensors_and_json_only(tmp_path):
     _steps(host, optimizer, scheduler, 1)
     folder = save_state(tmp_path / "s", network, optimizer, scheduler, Progress(1, 0, 1), {})
     assert sorted(p.name for p in folder.iterdir()) == sorted([STATE_FILE, TENSORS_FILE])
+    # a state folder may sit in the WebUI's Lora folder, which lists every *.safetensors in it as a LoRA
+    assert not [p for p in folder.rglob("*") if p.suffix in {".safetensors", ".pt", ".ckpt"}]
     document = json.loads((folder / STATE_FILE).read_text())
     assert document["progress"] == {"global_step": 1, "epoch": 0, "batch_group": 1}
 

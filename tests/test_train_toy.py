@@ -291,7 +291,7 @@ def test_saved_files_carry_training_metadata_and_epoch_names(adapter, tmp_path):
     assert meta["ss_steps"] == "6" and meta["ss_epoch"] == "3" and meta["ss_num_epochs"] == "3"
     assert meta["ss_network_dim"] == "8" and meta["ss_network_module"] == "networks.lora"
     assert float(meta["ss_learning_rate"]) == 2e-3 and meta["ss_min_snr_gamma"] == "5.0"
-    assert meta["ss_num_train_images"] == "10" and meta["ss_resolution"] == "(64, 64)"
+    assert meta["ss_num_train_images"] == "10" and meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
     assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW" and meta["ss_seed"] == "3"
     assert json.loads(meta["ss_dataset_dirs"]) == {f"10_{TRIGGER}": {"n_repeats": 10, "img_count": 1}}
     assert json.loads(meta["ss_tag_frequency"]) == {f"10_{TRIGGER}": {TRIGGER: 1}}

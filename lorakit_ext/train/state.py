@@ -1,6 +1,7 @@
 """A resumable training state as a folder of safetensors + JSON, never a pickle (a state may come from anyone).
 
-``tensors.safetensors`` holds the network factors (``network.<module>.<suffix>``) and every tensor of the
+``tensors.lorakit-state`` (safetensors bytes under a name no Lora list picks up: a state folder may sit in the
+WebUI's Lora folder) holds the network factors (``network.<module>.<suffix>``) and every tensor of the
 optimizer state (``optimizer.<param index>.<key>``); ``state.json`` holds the rest: progress (epoch, step, the
 position in the epoch's batch order), the optimizer's param groups and non-tensor state, the scheduler's state and
 the config the run was started with. Data order, noise and timesteps are pure functions of (seed, epoch, step), so
@@ -20,7 +21,7 @@ from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.networks.network import Network
 
-TENSORS_FILE = "tensors.safetensors"
+TENSORS_FILE = "tensors.lorakit-state"
 STATE_FILE = "state.json"
 STATE_VERSION = 1
 

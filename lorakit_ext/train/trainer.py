@@ -731,6 +731,7 @@ class TrainingRun:
             "ss_mixed_precision": config.mixed_precision,
             "ss_full_fp16": False,
             "ss_resolution": f"({config.resolution[0]}, {config.resolution[1]})",
+            "modelspec.resolution": f"{config.resolution[0]}x{config.resolution[1]}",
             "ss_seed": config.seed,
             "ss_cache_latents": config.cache_latents,
             "ss_noise_offset": config.noise_offset or None,
