@@ -1,6 +1,6 @@
 """Pretrain the toy model on synthetic shapes: VAE first, then UNet and text encoder on cached latents.
 
-    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~30 min on a free CPU thread
+    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~55 min on a free CPU thread
     python -m lorakit_ext.toy.pretrain --out /tmp/toy --quick            # a few steps, for a smoke test
 
 Seeded and single-threaded, so the same command gives the same file. Writes the checkpoint (fp16, ldm keys), its
@@ -50,14 +50,14 @@ class Recipe:
     vae_kl_weight: float = 1e-6
     vae_initial_logvar: float = -8.0
     latent_count: int = 8000
-    unet_steps: int = 1300
+    unet_steps: int = 3600
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
     empty_caption_rate: float = 0.1
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
-    save_every: int = 500
+    save_every: int = 1200
     eval_count: int = 256
 
 
