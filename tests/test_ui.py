@@ -137,3 +137,18 @@ def test_slider_inputs_are_checked_before_anything_runs(host, tmp_path):
     with pytest.raises(LorakitError, match="outside the Lora folder"):
         operations.slider_operation("copier", {"a": str(tmp_path / "A"), "b": str(tmp_path / "B"),
                                                "output_dir": str(tmp_path)}, host)
+
+
+def test_standalone_job_session_catches_a_changed_vae(tmp_path):
+    """The standalone app checks the whole model after a job, the VAE included, as the WebUI host does."""
+    import torch
+
+    from lorakit_ext.ui.host import ModelChanged
+
+    host = StandaloneHost(tmp_path / "Lora")  # the toy model, loaded on first use
+    with host.job_session("task(a)", "t", needs_model=True) as adapter:
+        pass  # untouched: no error
+    with pytest.raises(ModelChanged, match="the model's weights changed"):
+        with host.job_session("task(b)", "t", needs_model=True) as adapter:
+            with torch.no_grad():
+                adapter.model.first_stage_model.decoder.conv_out.bias.add_(1e-3)

@@ -76,7 +76,9 @@ class StandaloneHost:
                 return
             adapter = self.adapter()
             changed = f"{title}: the model's weights changed during the job; restart the app"
-            with unchanged_model(list(adapter.components().values()), changed):
+            # the whole model: an ldm LatentDiffusion holds the VAE too; a diffusers adapter keeps it beside
+            whole = [adapter.model] if hasattr(adapter, "model") else [*adapter.components().values(), adapter.vae]
+            with unchanged_model([m for m in whole if m is not None], changed):
                 yield adapter
 
     def report(self, task_id: str, progress: ProgressView, preview: Any | None = None) -> None:
