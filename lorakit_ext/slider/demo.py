@@ -19,10 +19,11 @@ TOY_A = ShapeSpec("circle", "red", "white", extent=0.35, center=(32.0, 32.0))
 GROWTH = 1.6
 # the training prompt (empty, as the pairs were captioned) and unrelated prompts of other colors and shapes
 TOY_PROMPTS = ("", "a blue square", "a green triangle", "a yellow circle")
-# what the toy model needs to overfit one 64x64 image in a minute of CPU (the recipe's lr 1e-3 at dim 4 / alpha 1
-# takes several times longer on it); everything else is the slider recipe
+# what the toy model needs to overfit one 64x64 image (the recipe's lr 1e-3 at dim 4 / alpha 1 takes several times
+# longer on it): at 300 steps LoRA A copies A (similarity 0.96 on the empty prompt; 0.71 at 80 steps, below the
+# copy check's 0.85); everything else is the slider recipe
 TOY_TRAINING: dict[str, object] = {
-    "max_train_steps": 80,
+    "max_train_steps": 300,
     "train_batch_size": 4,
     "learning_rate": 5e-3,
     "network_dim": 8,
