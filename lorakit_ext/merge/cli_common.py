@@ -6,13 +6,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
-from lorakit_ext.formats.kohya import load_network
+from lorakit_ext.formats.kohya import load_network, save_network
 from lorakit_ext.merge.svd import DYNAMIC_METHODS, RankRule, parse_dynamic
 from lorakit_ext.networks.weights import NetworkWeights
 
@@ -92,6 +93,23 @@ def ratios_for(models: list[str], ratios: list[float] | None) -> list[float]:
     if len(ratios) != len(models):
         raise LorakitError(f"--ratios: {len(ratios)} ratios for {len(models)} --models")
     return ratios
+
+
+def save_and_summarize(
+    args: argparse.Namespace, network: NetworkWeights, dtype: torch.dtype, report, started: float, **inputs
+) -> None:
+    """Save ``network`` to ``--save_to`` and print the verb's one-line JSON summary: the inputs, what was written,
+    the re-compression report (when there was one) and the time since ``started``."""
+    written = save_network(args.save_to, network, dtype=dtype)
+    print_summary({
+        "save_to": args.save_to,
+        **inputs,
+        "modules": len(network.modules),
+        "network_dim": written["ss_network_dim"],
+        "bytes": os.path.getsize(args.save_to),
+        **(report.summary(args.verbose) if report else {}),
+        "seconds": round(time.perf_counter() - started, 3),
+    })
 
 
 def print_summary(summary: dict) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from lorakit_ext.formats.kohya import save_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.checkpoint import extract_lora
 
@@ -38,15 +36,5 @@ def run(args: argparse.Namespace) -> int:
         clamp_quantile=args.clamp_quantile,
         bytes_per_value=cli_common.bytes_per_value(dtype),
     )
-    written = save_network(args.save_to, network, dtype=dtype)
-    cli_common.print_summary(
-        {
-            "save_to": args.save_to,
-            "modules": len(network.modules),
-            "network_dim": written["ss_network_dim"],
-            "bytes": os.path.getsize(args.save_to),
-            **report.summary(args.verbose),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-    )
+    cli_common.save_and_summarize(args, network, dtype, report, started)
     return 0

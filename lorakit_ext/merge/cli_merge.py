@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from lorakit_ext.formats.kohya import save_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.algebra import merge_networks
 from lorakit_ext.merge.svd import merge_compressed
@@ -42,18 +40,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         merged = merge_networks(networks, ratios, sources=sources, dtype=dtype)
-    written = save_network(args.save_to, merged, dtype=dtype)
-    cli_common.print_summary(
-        {
-            "save_to": args.save_to,
-            "models": args.models,
-            "ratios": ratios,
-            "modules": len(merged.modules),
-            "exact": not compress,
-            "network_dim": written["ss_network_dim"],
-            "bytes": os.path.getsize(args.save_to),
-            **(report.summary(args.verbose) if report else {}),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+    cli_common.save_and_summarize(
+        args, merged, dtype, report, started, models=args.models, ratios=ratios, exact=not compress
     )
     return 0

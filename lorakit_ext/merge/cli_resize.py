@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.kohya import save_network
 from lorakit_ext.merge import cli_common
 from lorakit_ext.merge.svd import merge_compressed
 
@@ -37,16 +35,5 @@ def run(args: argparse.Namespace) -> int:
         sources=cli_common.source_names([args.model]),
         metadata=network.metadata,
     )
-    written = save_network(args.save_to, resized, dtype=dtype)
-    cli_common.print_summary(
-        {
-            "save_to": args.save_to,
-            "model": args.model,
-            "modules": len(resized.modules),
-            "network_dim": written["ss_network_dim"],
-            "bytes": os.path.getsize(args.save_to),
-            **report.summary(args.verbose),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-    )
+    cli_common.save_and_summarize(args, resized, dtype, report, started, model=args.model)
     return 0
