@@ -45,9 +45,12 @@ def checkpoint_arch(keys: Sequence[str] | Mapping[str, object], path: PathLike =
     raise LorakitError(f"{path}: not an SD1/SD2/SDXL single-file checkpoint (no ldm-layout UNet and text encoder)")
 
 
-def target_table(state: Mapping[str, Tensor], path: PathLike) -> dict[str, tuple[str, tuple[int, int] | None, tuple]]:
-    """kohya module name -> (checkpoint key, rows or None, the shape of the weight (block) it changes)."""
-    table = naming.checkpoint_key_table(state, checkpoint_arch(state, path))
+def target_table(
+    state: Mapping[str, Tensor], path: PathLike, arch: str | None = None
+) -> dict[str, tuple[str, tuple[int, int] | None, tuple]]:
+    """kohya module name -> (checkpoint key, rows or None, the shape of the weight (block) it changes); ``arch`` is
+    detected from ``state`` unless the caller already knows it."""
+    table = naming.checkpoint_key_table(state, arch or checkpoint_arch(state, path))
     result = {}
     for name, (key, rows) in table.items():
         shape = tuple(state[key].shape)
@@ -75,9 +78,9 @@ def merge_into_checkpoint(
     checkpoint's metadata is kept but for its hashes, which described the input's bytes; ``lorakit_merged_into``
     names the input with its hash, ``lorakit_merged_loras`` each network with its ratio and hash.
     """
-    state = safetensors_io.load_tensors(checkpoint)
+    state, stated = safetensors_io.load_file(checkpoint)
     arch = checkpoint_arch(state, checkpoint)
-    table = target_table(state, checkpoint)
+    table = target_table(state, checkpoint, arch)
     sources = list(sources or [f"input {i + 1}" for i in range(len(networks))])
     families = [arch_family(network_arch(network)) for network in networks]
     for network, source, family in zip(networks, sources, families):
@@ -116,8 +119,8 @@ def merge_into_checkpoint(
         elif save_dtype is not None and tensor.is_floating_point():
             state[key] = tensor.to(save_dtype).contiguous()
     # The input's hashes describe the input's bytes, not these: dropped (the WebUI hashes the new file itself).
-    metadata = {key: value for key, value in checkpoint_metadata(checkpoint).items() if key not in STALE_KEYS}
-    metadata["lorakit_merged_into"] = json.dumps(source_record(checkpoint))
+    metadata = {key: value for key, value in stated.items() if key not in STALE_KEYS}
+    metadata["lorakit_merged_into"] = json.dumps(source_record(checkpoint, stated))
     merged = [network_record(network, ratio, source) for network, ratio, source in zip(networks, ratios, sources)]
     metadata["lorakit_merged_loras"] = json.dumps(merged)
     safetensors_io.save_tensors_atomic(save_to, state, metadata)
@@ -142,8 +145,8 @@ def extract_lora(
     (uncapped, or ``sv_cumulative``) from an exact eigendecomposition on the smaller side (``dense_spectrum``).
     The metadata names both checkpoints with their hashes (``ss_extracted_from``).
     """
-    base_state = safetensors_io.load_tensors(base)
-    tuned_state = safetensors_io.load_tensors(tuned)
+    base_state, base_stated = safetensors_io.load_file(base)
+    tuned_state, tuned_stated = safetensors_io.load_file(tuned)
     table = target_table(base_state, base)
     problems = []
     for key in sorted({key for key, _, _ in table.values()}):
@@ -175,7 +178,7 @@ def extract_lora(
         spectra[name] = dense_spectrum(diff.reshape(shape[0], -1), shape, rule.singular_values_needed(shape))
     if not spectra:
         raise LorakitError(f"{tuned}: no targeted weight differs from {base}: nothing to extract")
-    metadata = {"ss_extracted_from": json.dumps({"base": source_record(base), "tuned": source_record(tuned)})}
+    metadata = {"ss_extracted_from": json.dumps({"base": source_record(base, base_stated), "tuned": source_record(tuned, tuned_stated)})}
     return compressed_network(spectra, rule, metadata, clamp_quantile=clamp_quantile, bytes_per_value=bytes_per_value)
 
 
@@ -210,13 +213,8 @@ def gram_spectrum(matrix: Tensor, shape: tuple[int, ...]) -> Spectrum:
     return Spectrum(left.to(dtype), s, right.to(dtype), shape)
 
 
-def checkpoint_metadata(path: PathLike) -> dict[str, str]:
-    return safetensors_io.read_metadata(path) if Path(path).suffix == ".safetensors" else {}
-
-
-def source_record(path: PathLike) -> dict[str, str]:
-    """A checkpoint's name and hash for a derived file's metadata: the hashes its metadata states (sshs / ModelSpec),
-    else the sha256 of the whole file (the WebUI's and Civitai's checkpoint hash), read once."""
-    stated = checkpoint_metadata(path)
+def source_record(path: PathLike, stated: Mapping[str, str]) -> dict[str, str]:
+    """A checkpoint's name and hash for a derived file's metadata: the hashes its metadata ``stated`` (sshs /
+    ModelSpec), else the sha256 of the whole file (the WebUI's and Civitai's checkpoint hash), read once."""
     hashes = {key: stated[key] for key in ("sshs_model_hash", "modelspec.hash_sha256") if stated.get(key)}
     return {"name": Path(path).name, **(hashes or {"sha256": safetensors_io.file_sha256(path)})}

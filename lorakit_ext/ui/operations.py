@@ -159,8 +159,10 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
 
             rule = rank_rule(DEFAULT_DIM, request.new_conv_rank, None)
         base, tuned = paths.existing_file(request.base, "base"), paths.existing_file(request.tuned, "tuned")
+    from lorakit_ext.merge.cli_common import bytes_per_value
+
     dtype = SAVE_DTYPES[request.save_precision]
-    value_bytes = torch_element_size(dtype)
+    value_bytes = bytes_per_value(dtype)
     compress = rule.rank is not None or rule.conv_rank is not None or rule.dynamic is not None
 
     def run(adapter, report, token) -> dict:
@@ -209,11 +211,6 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
 
     title = f"{request.mode.replace('_', ' ')} -> {save_to.name}"
     return Operation(request.mode, title, run, needs_model=False)
-
-
-def torch_element_size(dtype) -> int:
-    """Bytes per value (``dtype.itemsize`` needs torch 2.1; the WebUI may run 2.0)."""
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def resolve_network(name_or_path: str, networks: dict[str, Path]) -> Path:
