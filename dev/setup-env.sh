@@ -4,8 +4,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${LORAKIT_VENV:-$HOME/.cache/lorakit/venv}"
+# dev/host-stack-test.sh builds its venv the same way from dev/requirements-host.txt
+requirements="${LORAKIT_REQUIREMENTS:-$root/dev/requirements-test.txt}"
 stamp="$venv/.lorakit-requirements.sha256"
-want="$(sha256sum "$root/dev/requirements-test.txt" | cut -d' ' -f1)"
+want="$(sha256sum "$requirements" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
@@ -13,7 +15,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch alone first: the CPU wheel; then everything else with torch pinned so nothing swaps it for a CUDA build.
     "$venv/bin/python" -m pip install -q "torch==2.13.0" >&2
-    "$venv/bin/python" -m pip install -q -r "$root/dev/requirements-test.txt" >&2
+    "$venv/bin/python" -m pip install -q -r "$requirements" >&2
     # The real `ldm` package the WebUI uses for SD1/SD2 (its own pins are years old, so no dependencies).
     "$venv/bin/python" -m pip install -q --no-deps stable-diffusion-sdkit >&2
     # open_clip (ldm's SD2/SDXL text encoders) without its torchvision/timm pins.
