@@ -1,4 +1,4 @@
-"""The /lorakit/v1 routes over the standalone host: merge jobs end to end, 409, 404, 501, path validation."""
+"""The /lorakit/v1 routes over the standalone host: merge jobs end to end, 409, 404, path validation."""
 
 from __future__ import annotations
 

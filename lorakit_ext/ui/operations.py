@@ -8,7 +8,6 @@ sanitized names, inputs that exist. Each operation's ``run`` returns a JSON-read
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ SAVE_PRECISIONS = tuple(SAVE_DTYPES)
 SLIDER_METHODS = ("copier", "difference", "paired")
 
 
-class NotAvailable(LorakitError):
-    """The engine behind this operation is not part of this install yet (the HTTP API answers 501)."""
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -244,18 +241,12 @@ def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
 # --- sliders -------------------------------------------------------------------------------------------------------
 
 
-def slider_available() -> bool:
-    return importlib.util.find_spec("lorakit_ext.slider") is not None
-
-
 def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operation:
     """Copier / difference / paired slider from before/after pairs. ``values``: ``a`` and ``b`` (folders of A and
     B images matched by name), ``output_name``, optionally ``output_dir``, ``masked``, ``report`` (default true:
     the weight x seed x prompt grid and its numbers), and any training option (kohya names) over the recipe."""
     if method not in SLIDER_METHODS:
         raise LorakitError(f"method: {method!r} is not one of {', '.join(SLIDER_METHODS)}")
-    if not slider_available():
-        raise NotAvailable(f"{method}: the slider engine (lorakit_ext.slider) is not part of this version yet")
     from lorakit_ext.slider.methods import run_method, slider_config
     from lorakit_ext.slider.pairs import load_pairs
     from lorakit_ext.slider.report import SweepSettings, report_paths

@@ -344,9 +344,6 @@ class LorakitTabs:
     # --- Copier/Difference ----------------------------------------------------------------------------------------
 
     def _slider_tab(self) -> None:
-        if not operations.slider_available():
-            gr.Markdown("ℹ️ The copier/difference engine is not part of this version yet; the tab is ready for it.",
-                        elem_id="lorakit_slider_notice")
         method = gr.Radio(list(operations.SLIDER_METHODS), value="copier", label="Method",
                           info="copier: B trained on top of A; difference: B x 1 + A x -1; paired: one LoRA at +w/-w",
                           elem_id="lorakit_slider_method")
