@@ -435,7 +435,7 @@ class TrainingRun:
 
     def _loop(self, network: Network, optimizer, scheduler, progress: Progress) -> tuple[Progress, bool]:
         """Optimizer steps from ``progress`` to ``max_steps``; returns where it ended and whether it was stopped."""
-        step, epoch, window = progress.global_step, progress.epoch, []
+        step, epoch = progress.global_step, progress.epoch
         while step < self.max_steps:
             groups = self._step_groups(epoch)
             first = progress.batch_group if epoch == progress.epoch else 0
@@ -445,7 +445,6 @@ class TrainingRun:
                 loss = self._optimizer_step(groups[group_index], epoch, step, optimizer, scheduler)
                 step += 1
                 self.losses.append(loss)
-                window = (window + [loss])[-LOSS_WINDOW:]
                 here = Progress(step, epoch, group_index + 1)
                 last = step >= self.max_steps
                 files, images = ([], []) if last else self._after_step(network, optimizer, scheduler, here)
@@ -453,7 +452,7 @@ class TrainingRun:
                     "epoch": epoch + 1,
                     "epochs": self.epochs,
                     "loss": loss,
-                    "avg_loss": sum(window) / len(window),
+                    "avg_loss": sum(self.losses[-LOSS_WINDOW:]) / min(len(self.losses), LOSS_WINDOW),
                     "lr": scheduler.get_last_lr()[0],
                 }
                 self.report(step=step, total=self.max_steps, values=values, files=files, images=images)
