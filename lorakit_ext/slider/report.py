@@ -243,26 +243,19 @@ def no_effect_warning(
     return None
 
 
-def render_sweep(adapter, network_weights, settings: SweepSettings, base_weights=None) -> np.ndarray:
-    """The sweep's images, (prompts, seeds, weights, H, W, 3) uint8: the network attached at each weight in turn,
-    over ``base_weights`` attached at 1 when given (the copier's A: does B turn A into B?)."""
-    import contextlib
-
+def render_sweep(adapter, network_weights, settings: SweepSettings) -> np.ndarray:
+    """The sweep's images, (prompts, seeds, weights, H, W, 3) uint8: the network attached at each weight in turn."""
     import torch
 
     from lorakit_ext.networks.network import network_from_weights
     from lorakit_ext.sampling import sample, to_uint8
 
-    def attached(weights):
-        return network_from_weights(weights, adapter.targets(), adapter.arch).to(adapter.device).eval().attach()
-
     prompts = [prompt for prompt in settings.prompts for _ in settings.seeds]
     seeds = [seed for _ in settings.prompts for seed in settings.seeds]
     per_weight = []
-    with contextlib.ExitStack() as stack:
-        for weights in ([base_weights] if base_weights is not None else []) + [network_weights]:
-            network = attached(weights)
-            stack.callback(network.detach)
+    network = network_from_weights(network_weights, adapter.targets(), adapter.arch).to(adapter.device).eval()
+    network.attach()
+    try:
         with torch.no_grad():
             for weight in settings.weights:
                 network.multiplier = weight
@@ -277,6 +270,8 @@ def render_sweep(adapter, network_weights, settings: SweepSettings, base_weights
                     height=settings.height,
                 )
                 per_weight.append(to_uint8(images))
+    finally:
+        network.detach()
     stacked = np.stack(per_weight, axis=1)  # (prompts * seeds, weights, H, W, 3)
     return stacked.reshape(len(settings.prompts), len(settings.seeds), *stacked.shape[1:])
 
