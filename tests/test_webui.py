@@ -500,7 +500,7 @@ def test_lora_extension_disabled_is_said_and_lists_still_work(webui):
     assert any("built-in Lora extension is disabled" in n.message for n in host.notices())
     from lorakit_ext.ui.tabs import notices_markdown
 
-    assert "&lt;lora:name:w&gt; in prompts" in notices_markdown(host)  # as text, not an HTML tag
+    assert "&lt;lora:name:w&gt; in prompts" in notices_markdown(host.notices())  # as text, not an HTML tag
     webui.lora_dir.mkdir(parents=True)
     (webui.lora_dir / "mine.safetensors").write_bytes(b"")
     assert list(host.list_networks()) == ["mine"]

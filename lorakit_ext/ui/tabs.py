@@ -105,10 +105,10 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def notices_markdown(host: Host) -> str:
+def notices_markdown(notices) -> str:
     icons = {"error": "⛔", "warning": "⚠️", "info": "ℹ️"}
     # escaped: Markdown takes "<lora:name:w>" for an HTML tag and drops it (seen in a real WebUI 1.10.1)
-    return "\n\n".join(f"{icons[n.level]} {_escape(n.message)}" for n in host.notices())
+    return "\n\n".join(f"{icons[n.level]} {_escape(n.message)}" for n in notices)
 
 
 # --- the tab -------------------------------------------------------------------------------------------------------
@@ -122,9 +122,9 @@ class LorakitTabs:
         self.manager = manager
 
     def build(self) -> None:
-        notices = notices_markdown(self.host)
-        gr.Markdown(notices, elem_id="lorakit_notices", visible=bool(notices))
-        if any(n.blocking for n in self.host.notices()):
+        notices = self.host.notices()  # one look: they check the model's parameters and the host's version
+        gr.Markdown(notices_markdown(notices), elem_id="lorakit_notices", visible=bool(notices))
+        if any(n.blocking for n in notices):
             return
         with gr.Tabs(elem_id="lorakit_tabs"):
             with gr.Tab("Train LoRA", elem_id="lorakit_train_tab"):
