@@ -365,7 +365,7 @@ class TrainingRun:
             read_prompt_file(config.sample_prompts) if config.sample_prompts else []
         )
         self.output_dir = Path(config.output_dir)
-        self.alphas_cumprod = adapter.alphas_cumprod.float()
+        self.alphas_cumprod = adapter.alphas_cumprod.float().to(adapter.device)  # once, not per micro-batch
         self.text_cache: dict[tuple, dict[str, Tensor]] = {}
         self.latent_cache = None
         self.files: list[Path] = []
@@ -526,7 +526,7 @@ class TrainingRun:
     def diffusion_loss(self, batch: Batch) -> Tensor:
         """The standard objective: MSE to eps or v, masked, min-SNR- and prior-weighted, averaged over the batch."""
         adapter, config = self.adapter, self.config
-        alphas = self.alphas_cumprod.to(adapter.device)[batch.timesteps]
+        alphas = self.alphas_cumprod[batch.timesteps]
         shape = (-1,) + (1,) * (batch.latents.dim() - 1)
         noisy = alphas.sqrt().view(shape) * batch.latents + (1 - alphas).sqrt().view(shape) * batch.noise
         prediction = adapter.predict(noisy.to(adapter.dtype), batch.timesteps, batch.cond).float()
