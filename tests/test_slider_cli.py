@@ -31,6 +31,24 @@ def test_dry_run_shows_the_recipe_with_toml_and_flags_laid_over_it(pairs, tmp_pa
     assert config["network_train_unet_only"] is True and config["resolution"] == [64, 64]
 
 
+def test_toml_options_at_the_engines_defaults_still_win_over_the_recipe(pairs, tmp_path, capsys):
+    """A file that names ``lr_scheduler = "constant"`` (the engine's default, not the recipe's) gets it."""
+    toml = tmp_path / "slider.toml"
+    toml.write_text('[optimizer]\nlr_scheduler = "constant"\nlearning_rate = 1e-4\n')
+    assert SLIDER_DEFAULTS["lr_scheduler"] != "constant" and SLIDER_DEFAULTS["learning_rate"] != 1e-4
+    code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(tmp_path / "s.safetensors"),
+                 "--config", str(toml), "--dry-run"])
+    assert code == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert config["lr_scheduler"] == "constant" and config["learning_rate"] == 1e-4
+    assert config["noise_offset"] == SLIDER_DEFAULTS["noise_offset"]  # what the file does not name stays the recipe's
+
+    toml.write_text("[training]\nlearning_rat = 1e-4\n")
+    assert main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(tmp_path / "s.safetensors"),
+                 "--config", str(toml), "--dry-run"]) == 2
+    assert str(toml) in capsys.readouterr().err  # a bad key in the file names the file
+
+
 @pytest.mark.parametrize("verb", ["copier", "difference", "slider"])
 def test_bad_inputs_are_one_line_errors(verb, pairs, tmp_path, capsys):
     assert main([verb, "--a", str(pairs / "A"), "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -64,16 +64,13 @@ class SliderResult:
 def slider_config(pair_set: PairSet, values: Mapping[str, object] | None = None, toml: str | Path | None = None):
     """The ``TrainConfig`` of a slider job: the recipe, then the TOML file, then ``values``; the resolution defaults
     to the pairs' image size."""
-    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train.config import TrainConfig, flatten_sections, read_toml
 
     width, height = pair_set.pairs[0].size
     base = {**SLIDER_DEFAULTS, "resolution": (width, height)}
-    if toml is not None:
-        # the file's options are those that differ from the engine's defaults (TrainConfig keeps no record of
-        # which keys a file named), laid over the recipe
-        defaults = TrainConfig().to_dict()
-        base.update({k: v for k, v in TrainConfig.load_toml(toml).to_dict().items() if defaults[k] != v})
-    config = TrainConfig.from_dict(base, source="slider recipe")
+    if toml is not None:  # every option the file names, even one at the engine's default, wins over the recipe
+        base.update(flatten_sections(read_toml(toml)))
+    config = TrainConfig.from_dict(base, source="slider recipe" if toml is None else f"{toml} over the slider recipe")
     return config.with_overrides(dict(values or {}), source="slider options") if values else config
 
 

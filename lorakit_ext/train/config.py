@@ -147,13 +147,7 @@ class TrainConfig:
         (``kohya_keys``, their notes kept for ``warnings()``), other unknown keys are refused by name."""
         from lorakit_ext.train.kohya_keys import translate
 
-        flat: dict[str, Any] = {}
-        for key, value in values.items():
-            if isinstance(value, Mapping):
-                flat.update(value)
-            else:
-                flat[key] = value
-        flat, notes = translate(flat, source)
+        flat, notes = translate(flatten_sections(values), source)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(flat) - set(known))
         if unknown:
@@ -166,14 +160,7 @@ class TrainConfig:
 
     @classmethod
     def load_toml(cls, path: str | Path) -> TrainConfig:
-        try:
-            with open(path, "rb") as file:
-                values = _toml().load(file)
-        except OSError as error:
-            raise LorakitError(f"{path}: cannot read ({error.strerror})") from None
-        except ValueError as error:  # tomllib.TOMLDecodeError is a ValueError
-            raise LorakitError(f"{path}: not valid TOML ({error})") from None
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_toml(path), source=str(path))
 
     def with_overrides(self, values: Mapping[str, Any], source: str = "overrides") -> TrainConfig:
         """A copy with some options replaced (CLI flags, UI fields), coerced like ``from_dict``."""
@@ -318,6 +305,28 @@ class TrainConfig:
 def _check(ok: bool, option: str, problem: str) -> None:
     if not ok:
         raise LorakitError(f"{option} {problem}")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's values as written (``[section]`` tables kept), for ``from_dict`` or to lay over a recipe."""
+    try:
+        with open(path, "rb") as file:
+            return _toml().load(file)
+    except OSError as error:
+        raise LorakitError(f"{path}: cannot read ({error.strerror})") from None
+    except ValueError as error:  # tomllib.TOMLDecodeError is a ValueError
+        raise LorakitError(f"{path}: not valid TOML ({error})") from None
+
+
+def flatten_sections(values: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya-style ``[section]`` tables flattened into one mapping of option -> value."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def _toml():
