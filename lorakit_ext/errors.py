@@ -3,3 +3,9 @@
 
 class LorakitError(Exception):
     """A problem with the user's input or environment, worded for the user (names the file or option)."""
+
+
+def check_option(ok: bool, option: str, problem: str) -> None:
+    """Raise ``LorakitError("<option> <problem>")`` unless ``ok``: the one-line shape of every option check."""
+    if not ok:
+        raise LorakitError(f"{option} {problem}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_option
 from lorakit_ext.train.kohya_keys import network_args_dict
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")  # or any optimizer class by dotted name
@@ -186,21 +186,21 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise ``LorakitError`` naming the first bad option; returns self so calls chain."""
         self.dataset_config().validate()
-        _check(self.network_algo_resolved() in ALGOS, "network_algo", f"must be one of {', '.join(ALGOS)}")
-        _check(self.network_dim > 0, "network_dim", "must be positive")
-        _check(self.network_alpha > 0, "network_alpha", "must be positive")
+        check_option(self.network_algo_resolved() in ALGOS, "network_algo", f"must be one of {', '.join(ALGOS)}")
+        check_option(self.network_dim > 0, "network_dim", "must be positive")
+        check_option(self.network_alpha > 0, "network_alpha", "must be positive")
         conv_dim, _ = self.conv_resolved()
-        _check(conv_dim is None or conv_dim >= 0, "conv_dim", "must be 0 or more")
+        check_option(conv_dim is None or conv_dim >= 0, "conv_dim", "must be 0 or more")
         for name, value in zip(("network_dropout", "rank_dropout", "module_dropout"), self.dropouts_resolved()):
-            _check(0 <= value < 1, name, "must be in [0, 1)")
-        _check(self.learning_rate > 0, "learning_rate", "must be positive")
+            check_option(0 <= value < 1, name, "must be in [0, 1)")
+        check_option(self.learning_rate > 0, "learning_rate", "must be positive")
         for name in ("unet_lr", "text_encoder_lr"):
-            _check(getattr(self, name) is None or getattr(self, name) >= 0, name, "must be 0 or more")
-        _check(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
-        _check(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be 0 or more")
-        _check(self.lr_scheduler_num_cycles >= 1, "lr_scheduler_num_cycles", "must be at least 1")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more")
-        _check(
+            check_option(getattr(self, name) is None or getattr(self, name) >= 0, name, "must be 0 or more")
+        check_option(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+        check_option(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be 0 or more")
+        check_option(self.lr_scheduler_num_cycles >= 1, "lr_scheduler_num_cycles", "must be at least 1")
+        check_option(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more")
+        check_option(
             self.optimizer_type in OPTIMIZERS or "." in self.optimizer_type,
             "optimizer_type",
             f"must be one of {', '.join(OPTIMIZERS)} or a dotted class name like torch.optim.SGD",
@@ -208,17 +208,17 @@ class TrainConfig:
         from lorakit_ext.train.optim import parse_optimizer_args
 
         parse_optimizer_args(self.optimizer_args)
-        _check(self.max_train_steps > 0, "max_train_steps", "must be positive")
-        _check(self.max_train_epochs is None or self.max_train_epochs > 0, "max_train_epochs", "must be positive")
-        _check(self.train_batch_size > 0, "train_batch_size", "must be positive")
-        _check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
-        _check(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"must be {', '.join(MIXED_PRECISIONS)}")
-        _check(self.save_precision in SAVE_PRECISIONS, "save_precision", f"must be {', '.join(SAVE_PRECISIONS)}")
-        _check(self.noise_offset >= 0, "noise_offset", "must be 0 or more")
-        _check(self.multires_noise_iterations >= 0, "multires_noise_iterations", "must be 0 or more")
-        _check(0 <= self.multires_noise_discount <= 1, "multires_noise_discount", "must be in [0, 1]")
-        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
-        _check(
+        check_option(self.max_train_steps > 0, "max_train_steps", "must be positive")
+        check_option(self.max_train_epochs is None or self.max_train_epochs > 0, "max_train_epochs", "must be positive")
+        check_option(self.train_batch_size > 0, "train_batch_size", "must be positive")
+        check_option(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
+        check_option(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"must be {', '.join(MIXED_PRECISIONS)}")
+        check_option(self.save_precision in SAVE_PRECISIONS, "save_precision", f"must be {', '.join(SAVE_PRECISIONS)}")
+        check_option(self.noise_offset >= 0, "noise_offset", "must be 0 or more")
+        check_option(self.multires_noise_iterations >= 0, "multires_noise_iterations", "must be 0 or more")
+        check_option(0 <= self.multires_noise_discount <= 1, "multires_noise_discount", "must be in [0, 1]")
+        check_option(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma", "must be positive")
+        check_option(
             0 <= self.min_timestep < self.max_timestep <= NUM_TRAIN_TIMESTEPS,
             "min_timestep/max_timestep",
             f"need 0 <= min_timestep < max_timestep <= {NUM_TRAIN_TIMESTEPS}",
@@ -231,15 +231,15 @@ class TrainConfig:
             "sample_every_n_epochs",
             "sample_every_n_steps",
         ):
-            _check(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive")
-        _check(bool(self.output_name.strip()) and "/" not in self.output_name, "output_name", "must be a file stem")
-        _check(self.sample_sampler in SAMPLERS, "sample_sampler", f"must be one of {', '.join(SAMPLERS)}")
+            check_option(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive")
+        check_option(bool(self.output_name.strip()) and "/" not in self.output_name, "output_name", "must be a file stem")
+        check_option(self.sample_sampler in SAMPLERS, "sample_sampler", f"must be one of {', '.join(SAMPLERS)}")
         if self.sample_every_n_epochs or self.sample_every_n_steps:
-            _check(bool(self.sample_prompts), "sample_prompts", "is needed when sampling every N epochs/steps")
+            check_option(bool(self.sample_prompts), "sample_prompts", "is needed when sampling every N epochs/steps")
         for name in ("sample_prompts", "network_weights"):
             path = getattr(self, name)
-            _check(path is None or Path(path).is_file(), name, f"file {path} does not exist")
-        _check(self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found")
+            check_option(path is None or Path(path).is_file(), name, f"file {path} does not exist")
+        check_option(self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found")
         if self.cache_text_encoder_outputs and self.trains_text_encoder():
             raise LorakitError(
                 "cache_text_encoder_outputs needs a frozen text encoder: "
@@ -302,9 +302,6 @@ class TrainConfig:
         return DatasetConfig(**{name: getattr(self, name) for name in names if hasattr(self, name)})
 
 
-def _check(ok: bool, option: str, problem: str) -> None:
-    if not ok:
-        raise LorakitError(f"{option} {problem}")
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_option
 from lorakit_ext.train.buckets import Placement, Size, place, predefined_buckets
 from lorakit_ext.train.captions import CaptionOptions, read_caption, tag_frequency, training_caption
 
@@ -64,39 +64,39 @@ class DatasetConfig:
 
     def validate(self) -> None:
         """Raise ``LorakitError`` naming the first bad option."""
-        _check(bool(self.train_data_dir), "train_data_dir", "is not set")
-        _check(Path(self.train_data_dir).is_dir(), "train_data_dir", f"{self.train_data_dir} is not a folder")
+        check_option(bool(self.train_data_dir), "train_data_dir", "is not set")
+        check_option(Path(self.train_data_dir).is_dir(), "train_data_dir", f"{self.train_data_dir} is not a folder")
         if self.reg_data_dir:
-            _check(Path(self.reg_data_dir).is_dir(), "reg_data_dir", f"{self.reg_data_dir} is not a folder")
+            check_option(Path(self.reg_data_dir).is_dir(), "reg_data_dir", f"{self.reg_data_dir} is not a folder")
         if self.mask_dir:
-            _check(Path(self.mask_dir).is_dir(), "mask_dir", f"{self.mask_dir} is not a folder")
-        _check(self.caption_extension.startswith("."), "caption_extension", "must start with a dot, like .txt")
+            check_option(Path(self.mask_dir).is_dir(), "mask_dir", f"{self.mask_dir} is not a folder")
+        check_option(self.caption_extension.startswith("."), "caption_extension", "must start with a dot, like .txt")
         width, height = self.resolution
-        _check(width > 0 and height > 0, "resolution", f"{width},{height} must be positive")
-        _check(
+        check_option(width > 0 and height > 0, "resolution", f"{width},{height} must be positive")
+        check_option(
             width % LATENT_FACTOR == 0 and height % LATENT_FACTOR == 0,
             "resolution",
             f"{width},{height} must be multiples of {LATENT_FACTOR}",
         )
         steps = self.bucket_reso_steps
-        _check(steps > 0 and steps % LATENT_FACTOR == 0, "bucket_reso_steps", f"{steps} must be a multiple of 8")
+        check_option(steps > 0 and steps % LATENT_FACTOR == 0, "bucket_reso_steps", f"{steps} must be a multiple of 8")
         if self.enable_bucket and not self.bucket_no_upscale:
-            _check(self.min_bucket_reso > 0, "min_bucket_reso", "must be positive")
+            check_option(self.min_bucket_reso > 0, "min_bucket_reso", "must be positive")
             for option in ("min_bucket_reso", "max_bucket_reso"):
-                _check(getattr(self, option) % steps == 0, option, f"must be a multiple of bucket_reso_steps ({steps})")
-            _check(
+                check_option(getattr(self, option) % steps == 0, option, f"must be a multiple of bucket_reso_steps ({steps})")
+            check_option(
                 self.min_bucket_reso <= min(width, height),
                 "min_bucket_reso",
                 f"{self.min_bucket_reso} must not exceed the resolution's shorter side ({min(width, height)})",
             )
-            _check(
+            check_option(
                 self.max_bucket_reso >= max(width, height),
                 "max_bucket_reso",
                 f"{self.max_bucket_reso} must not be below the resolution's longer side ({max(width, height)})",
             )
-        _check(self.keep_tokens >= 0, "keep_tokens", "must not be negative")
-        _check(0.0 <= self.caption_dropout_rate <= 1.0, "caption_dropout_rate", "must be between 0 and 1")
-        _check(self.prior_loss_weight >= 0.0, "prior_loss_weight", "must not be negative")
+        check_option(self.keep_tokens >= 0, "keep_tokens", "must not be negative")
+        check_option(0.0 <= self.caption_dropout_rate <= 1.0, "caption_dropout_rate", "must be between 0 and 1")
+        check_option(self.prior_loss_weight >= 0.0, "prior_loss_weight", "must not be negative")
 
 
 @dataclass(frozen=True)
@@ -425,6 +425,3 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def _check(ok: bool, option: str, problem: str) -> None:
-    if not ok:
-        raise LorakitError(f"{option} {problem}")
