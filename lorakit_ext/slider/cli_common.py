@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from lorakit_ext.slider.pairs import DEFAULT_SUFFIX
@@ -40,17 +39,13 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
     from lorakit_ext.slider.methods import run_method, slider_config
     from lorakit_ext.slider.pairs import load_pairs
     from lorakit_ext.slider.report import SweepSettings
-    from lorakit_ext.train.cli import _print_event, load_adapter
-    from lorakit_ext.train.config import TrainConfig
+    from lorakit_ext.train.cli import _print_event, config_overrides, load_adapter
     from lorakit_ext.train.job import Job
 
     pair_set = load_pairs(args.a, args.b, args.pairs, args.suffix, args.side_by_side)
     for name in pair_set.unmatched:
         print(f"warning: {name} has no partner and is left out", file=sys.stderr)
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    if args.model:
-        overrides["pretrained_model_name_or_path"] = args.model
-    config = slider_config(pair_set, overrides, args.config)  # each training pass validates it with its data folder
+    config = slider_config(pair_set, config_overrides(args), args.config)  # each training pass validates it with its data folder
     settings = None
     if not args.no_report:
         width, height = config.resolution

@@ -39,12 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options.add_argument(flag, metavar=option.name.split("_")[-1].upper(), help=help_text)
 
 
-def run(args: argparse.Namespace) -> int:
-    config = TrainConfig.load_toml(args.config) if args.config else TrainConfig()
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The training options given as flags (those left unset are not overrides), ``--model`` among them."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     if args.model:
         overrides["pretrained_model_name_or_path"] = args.model
-    config = config.with_overrides(overrides, source="command line").validate()
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    config = TrainConfig.load_toml(args.config) if args.config else TrainConfig()
+    config = config.with_overrides(config_overrides(args), source="command line").validate()
     adapter = load_adapter(config.pretrained_model_name_or_path)
     if args.dry_run:
         from lorakit_ext.train.trainer import plan
