@@ -9,3 +9,8 @@ def check_option(ok: bool, option: str, problem: str) -> None:
     """Raise ``LorakitError("<option> <problem>")`` unless ``ok``: the one-line shape of every option check."""
     if not ok:
         raise LorakitError(f"{option} {problem}")
+
+
+def first_few(names: list[str], shown: int = 3, separator: str = ", ") -> str:
+    """The first ``shown`` of ``names`` for a one-line message, with "..." when there are more."""
+    return separator.join(names[:shown]) + (f"{separator}..." if len(names) > shown else "")

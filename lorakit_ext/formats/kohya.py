@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, first_few
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.models import naming
 from lorakit_ext.models.base import BASE_MODEL_VERSION
@@ -127,7 +127,7 @@ def _group_by_module(tensors: Mapping[str, torch.Tensor], path: PathLike) -> dic
         parts[suffix] = tensor
     if unknown:
         raise LorakitError(
-            f"{path}: {len(unknown)} keys that are not LoRA/LoCon/LoHa/LoKr tensors: {_first_few(sorted(unknown))}"
+            f"{path}: {len(unknown)} keys that are not LoRA/LoCon/LoHa/LoKr tensors: {first_few(sorted(unknown))}"
         )
     return grouped
 
@@ -605,9 +605,9 @@ def check_fits_model(
     total = len(weights.modules)
     problems = []
     if unmatched:
-        problems.append(f"{len(unmatched)} of {total} modules match no target of the model ({_first_few(unmatched)})")
+        problems.append(f"{len(unmatched)} of {total} modules match no target of the model ({first_few(unmatched)})")
     if misfits:
-        name, others = misfits[0], f"; also {_first_few(misfits[1:], 2)}" if len(misfits) > 1 else ""
+        name, others = misfits[0], f"; also {first_few(misfits[1:], 2)}" if len(misfits) > 1 else ""
         problems.append(
             f"{len(misfits)} of {total} modules do not fit the model's weights ({name} makes a delta of "
             f"{_describe_delta(weights.modules[name])} but the model's weight is {tuple(targets[name])}{others})"
@@ -616,10 +616,6 @@ def check_fits_model(
     if model_arch:
         archs += f", the model is {model_arch}"
     raise LorakitError(f"{weights.label}: {archs}: {'; '.join(problems)}")
-
-
-def _first_few(names: list[str], shown: int = 3) -> str:
-    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def _delta_rows_and_size(module: ModuleWeights) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, first_few
 from lorakit_ext.formats.kohya import all_finite, network_arch
 from lorakit_ext.merge.lowrank import LowRank, guess_shape, low_rank
 from lorakit_ext.networks.weights import LORA_DOWN, LORA_UP, ModuleWeights, NetworkWeights
@@ -58,7 +58,7 @@ def low_rank_terms(
         if len({t.rows_and_columns for t in ts}) > 1
     ]
     if mismatched:
-        shown = "; ".join(mismatched[:4]) + ("; ..." if len(mismatched) > 4 else "")
+        shown = first_few(mismatched, 4, "; ")
         raise LorakitError(
             f"{len(mismatched)} modules differ in shape between the inputs (different architectures?): {shown}"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, first_few
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import STALE_KEYS, all_finite, network_arch
 from lorakit_ext.merge.algebra import Progress, arch_family, concat, low_rank_terms, network_record
@@ -88,8 +88,7 @@ def merge_into_checkpoint(
         if unmatched:
             raise LorakitError(
                 f"{source} ({family or 'unknown architecture'}): {len(unmatched)} of {len(network.modules)} modules "
-                f"match no weight of the {arch} checkpoint {checkpoint}: "
-                f"{', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}"
+                f"match no weight of the {arch} checkpoint {checkpoint}: {first_few(unmatched)}"
             )
     shapes = {name: shape for name, (_, _, shape) in table.items()}
     try:
@@ -156,7 +155,7 @@ def extract_lora(
             shapes = " vs ".join("x".join(map(str, state[key].shape)) for state in (base_state, tuned_state))
             problems.append(f"{key} ({shapes})")
     if problems:
-        shown = "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "")
+        shown = first_few(problems, 4, "; ")
         raise LorakitError(
             f"{tuned}: {len(problems)} weights missing or of another shape than in {base} (different architectures?): "
             f"{shown}"
