@@ -38,7 +38,7 @@ def _dataset(root: Path, flip: bool = False, resolution=(64, 64)) -> TrainDatase
 
 def test_memory_cache_encodes_each_image_once(tmp_path):
     dataset, encoder = _dataset(tmp_path), PoolingEncoder()
-    cache = LatentCache(encoder, to_disk=False, folder=None)
+    cache = LatentCache(encoder, to_disk=False)
     examples = [dataset.example(0, i) for i in range(len(dataset))]  # 4 items, 2 images
     latents = cache.latents(examples)
     assert latents.shape == (4, 4, 8, 8) and encoder.encoded == 2
@@ -53,13 +53,13 @@ def test_disk_cache_beside_the_image_is_reused_by_a_new_run_with_both_flip_sides
     examples = [dataset.example(epoch, i) for epoch in range(6) for i in range(len(dataset))]
     assert {e.flipped for e in examples} == {False, True}
     first = PoolingEncoder()
-    expected = LatentCache(first, to_disk=True, folder=None).latents(examples)
+    expected = LatentCache(first, to_disk=True).latents(examples)
     assert first.encoded == 4  # 2 images x 2 flip sides
     files = sorted(p.name for p in (tmp_path / "data" / "2_x").glob("*.safetensors"))
     assert files == ["a.latents.safetensors", "b.latents.safetensors"]
     second = PoolingEncoder()
     fresh = [dataset.example(epoch, i) for epoch in range(6) for i in range(len(dataset))]
-    assert torch.equal(LatentCache(second, to_disk=True, folder=None).latents(fresh), expected)
+    assert torch.equal(LatentCache(second, to_disk=True).latents(fresh), expected)
     assert second.encoded == 0
     assert not any("_decoded" in vars(e) for e in fresh)  # cached latents: no image was decoded
 
@@ -67,7 +67,7 @@ def test_disk_cache_beside_the_image_is_reused_by_a_new_run_with_both_flip_sides
 def test_stale_or_broken_disk_files_are_encoded_again(tmp_path):
     dataset = _dataset(tmp_path)
     examples = [dataset.example(0, i) for i in range(len(dataset))]
-    LatentCache(PoolingEncoder(), to_disk=True, folder=None).latents(examples)
+    LatentCache(PoolingEncoder(), to_disk=True).latents(examples)
     image_a = tmp_path / "data" / "2_x" / "a.png"
     Image.new("RGB", (64, 64), (0, 255, 0)).save(image_a)  # the image changed since it was cached
     os.utime(image_a, ns=(1, 1))
@@ -75,31 +75,19 @@ def test_stale_or_broken_disk_files_are_encoded_again(tmp_path):
     dataset = _dataset(tmp_path)
     examples = [dataset.example(0, i) for i in range(len(dataset))]
     encoder = PoolingEncoder()
-    latents = LatentCache(encoder, to_disk=True, folder=None).latents(examples)
+    latents = LatentCache(encoder, to_disk=True).latents(examples)
     assert encoder.encoded == 2
     green = next(i for i, e in enumerate(examples) if e.image_path.endswith("a.png"))
     assert latents[green, 1].mean() > 0.9 and latents[green, 0].mean() < -0.9  # the new, green image
     again = PoolingEncoder()
-    LatentCache(again, to_disk=True, folder=None).latents(examples)
+    LatentCache(again, to_disk=True).latents(examples)
     assert again.encoded == 0  # the rewritten files are valid
 
 
 def test_a_different_bucket_size_is_not_served_from_disk(tmp_path):
     small = _dataset(tmp_path, resolution=(64, 64))
-    LatentCache(PoolingEncoder(), to_disk=True, folder=None).latents([small.example(0, 0)])
+    LatentCache(PoolingEncoder(), to_disk=True).latents([small.example(0, 0)])
     large = _dataset(tmp_path, resolution=(128, 128))
     encoder = PoolingEncoder()
-    latents = LatentCache(encoder, to_disk=True, folder=tmp_path / "unused").latents([large.example(0, 0)])
+    latents = LatentCache(encoder, to_disk=True).latents([large.example(0, 0)])
     assert latents.shape == (1, 4, 16, 16) and encoder.encoded == 1
-
-
-def test_disk_cache_in_a_folder(tmp_path):
-    dataset = _dataset(tmp_path)
-    folder = tmp_path / "cache"
-    examples = [dataset.example(0, i) for i in range(len(dataset))]
-    LatentCache(PoolingEncoder(), to_disk=True, folder=folder).latents(examples)
-    assert len(list(folder.glob("*.latents.safetensors"))) == 2
-    assert not list((tmp_path / "data" / "2_x").glob("*.safetensors"))
-    encoder = PoolingEncoder()
-    LatentCache(encoder, to_disk=True, folder=folder).latents(examples)
-    assert encoder.encoded == 0

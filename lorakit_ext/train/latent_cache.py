@@ -2,15 +2,13 @@
 
 Examples are cached under their ``key`` (image and flip, see ``dataset.Example``) and their bucket size. On disk the
 latents live in a safetensors file beside the image (``photo.png`` -> ``photo.latents.safetensors``, like kohya's
-``photo.npz``) or, when a folder is given, in that folder under a hash of the image path. A file is used only when it
-was made from the same image file (size and modification time) at the same bucket size; otherwise, or when it cannot
-be read, the image is encoded again and the file rewritten (atomically).
+``photo.npz``). A file is used only when it was made from the same image file (size and modification time) at the
+same bucket size; otherwise, or when it cannot be read, the image is encoded again and the file rewritten
+(atomically).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -26,9 +24,8 @@ DISK_SUFFIX = ".latents.safetensors"
 class LatentCache:
     """Latents for dataset examples, encoded on first use."""
 
-    def __init__(self, adapter: ModelAdapter, to_disk: bool, folder: str | os.PathLike | None) -> None:
+    def __init__(self, adapter: ModelAdapter, to_disk: bool) -> None:
         self.adapter, self.to_disk = adapter, to_disk
-        self.folder = Path(folder) if folder is not None else None
         self.memory: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
 
     def latents(self, examples: list) -> torch.Tensor:
@@ -49,11 +46,9 @@ class LatentCache:
         return torch.stack([self.memory[key] for key in keys])
 
     def disk_path(self, example) -> Path:
-        """Where an example's latents are kept on disk."""
+        """Where an example's latents are kept on disk: beside its image, as kohya keeps them."""
         image = Path(example.image_path)
-        if self.folder is None:
-            return image.with_name(image.stem + DISK_SUFFIX)
-        return self.folder / (hashlib.sha256(str(image.resolve()).encode()).hexdigest()[:20] + DISK_SUFFIX)
+        return image.with_name(image.stem + DISK_SUFFIX)
 
     def _load_from_disk(self, example) -> bool:
         """Fill the memory cache from a valid disk file; False when there is none for this image and size."""

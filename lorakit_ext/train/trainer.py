@@ -572,7 +572,7 @@ class TrainingRun:
     def _prepare_latent_cache(self) -> None:
         from lorakit_ext.train.latent_cache import LatentCache
 
-        self.latent_cache = LatentCache(self.adapter, self.config.cache_latents_to_disk, None)
+        self.latent_cache = LatentCache(self.adapter, self.config.cache_latents_to_disk)
 
     def _stop_on_non_finite(self, step: int, epoch: int, value: float) -> LorakitError:
         """The error for a NaN/Inf loss at (1-based) ``step``. The loss is checked before backward, so the network
