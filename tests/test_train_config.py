@@ -276,3 +276,10 @@ def test_model_flags_that_agree_pass_and_a_false_v_flag_on_a_v_model_is_noted():
     assert check_model_flags({"v2": False, "sdxl": True}, "sdxl", "epsilon") == []
     (note,) = check_model_flags({"v2": True, "v_parameterization": False}, "sd2-v", "v_prediction")
     assert note.startswith("v_parameterization = false, but the model (sd2-v) predicts v")
+
+
+def test_cached_latents_with_flips_get_no_false_warning():
+    """The latent cache keeps each flip side under its own key, so flip_aug works with cache_latents (kohya's
+    caveat does not apply): no warning says otherwise."""
+    notes = TrainConfig(cache_latents=True, flip_aug=True).warnings()
+    assert not [n for n in notes if "flip" in n]

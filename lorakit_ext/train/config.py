@@ -256,8 +256,6 @@ class TrainConfig:
             notes.append("multires_noise_discount is set but multires_noise_iterations is 0: no multires noise is used")
         if self.noise_offset and self.multires_noise_iterations:
             notes.append("noise_offset and multires noise are both on; kohya uses one or the other")
-        if self.cache_latents and self.flip_aug:
-            notes.append("cache_latents caches unflipped latents: flip_aug has no effect")
         return notes
 
     # --- derived values ---------------------------------------------------------------------------------------------
