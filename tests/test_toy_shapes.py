@@ -62,3 +62,13 @@ def test_measure_reads_color_shape_and_area_of_rendered_images():
         assert m.area == pytest.approx(float(s.mask.mean()), rel=0.25)  # edge pixels count whole
     blank = np.full((64, 64, 3), 128, dtype=np.uint8)
     assert shapes.measure(blank) == shapes.Measurement(None, None, 0.0, 0.0)
+
+
+def test_a_stray_pixel_far_from_the_shape_does_not_change_what_is_measured():
+    sample = shapes.sample(np.random.default_rng(11))
+    speckled = sample.image.copy()
+    corner = (1, 62) if sample.mask[:8, -8:].max() == 0 else (62, 1)
+    speckled[corner] = shapes.COLORS[sample.spec.color]
+    assert shapes.foreground_mask(speckled)[corner] == False  # noqa: E712 - numpy bool
+    assert shapes.measure(speckled) == shapes.measure(sample.image)
+    assert shapes.measure(speckled).shape == sample.spec.shape

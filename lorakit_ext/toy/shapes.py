@@ -146,11 +146,20 @@ class Measurement:
 
 
 def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
-    """Pixels far (RGB distance) from the background, taken as the median color of the image border."""
+    """The shape: the largest 8-connected region of pixels far (RGB distance) from the background, taken as the
+    median color of the image border. Decoded images carry the odd stray pixel far from the shape; one such speck
+    in a corner would otherwise stretch the bounding box over the whole image and hide the shape."""
+    from scipy import ndimage
+
     pixels = image.astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
-    return np.linalg.norm(pixels - background, axis=-1) > threshold
+    far = np.linalg.norm(pixels - background, axis=-1) > threshold
+    regions, count = ndimage.label(far, structure=np.ones((3, 3), dtype=bool))
+    if count <= 1:
+        return far
+    largest = 1 + int(np.argmax(ndimage.sum_labels(far, regions, index=np.arange(1, count + 1))))
+    return regions == largest
 
 
 def measure(image: np.ndarray) -> Measurement:
