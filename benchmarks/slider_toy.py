@@ -12,6 +12,7 @@ goal when at least 90% of its runs pass each of the three. Per run the JSON list
 judgments; per method the fraction of runs passing each, all three, and the median / 90th percentile of the drifts.
 
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
+        [--methods copier ...] [--set OPTION=VALUE ...]
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_quick --quick   # starts, ~2 min
 """
 
@@ -84,6 +85,17 @@ def goals(runs: list[dict]) -> dict:
     }
 
 
+def training_override(text: str) -> tuple[str, object]:
+    """``OPTION=VALUE`` with VALUE read as JSON where it parses (numbers, booleans, lists), else as text."""
+    option, separator, value = text.partition("=")
+    if not separator or not option:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTION=VALUE")
+    try:
+        return option, json.loads(value)
+    except json.JSONDecodeError:
+        return option, value
+
+
 def table(results: dict) -> str:
     """The methods side by side, as a markdown table."""
     lines = [
@@ -113,6 +125,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per pass (default: the demo's)")
     parser.add_argument("--sample-steps", type=int, default=12)
     parser.add_argument("--methods", nargs="+", default=["copier", "difference", "paired", "naive"])
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", type=training_override,
+                        help="a training option over the demo's (repeatable), e.g. --set min_timestep=200")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     args = parser.parse_args()
     if args.quick:
@@ -127,7 +141,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     pair_set = toy_pair_set(args.out / "pairs")
-    config = toy_config(pair_set, **({"max_train_steps": args.steps} if args.steps else {}))
+    overrides = dict(args.set, **({"max_train_steps": args.steps} if args.steps else {}))
+    config = toy_config(pair_set, **overrides)
     adapter = LdmAdapter(load_toy_model())
     settings = SweepSettings(prompts=PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True)
     results, runs = {}, {}

@@ -12,7 +12,9 @@ Recipe: the VAE learns with MSE + L1, a weak KL and a pull of its latents toward
 latents sampled from the cached posteriors, with AdamW, linear warmup then cosine decay, Min-SNR-5 loss weights,
 10% empty captions for classifier-free guidance and an EMA of the weights, which is what ships. The text encoder's
 transformer trains jointly; its token embedding stays at its random init (only ~60 of its 49408 rows are ever
-used, and Adam on the full table costs more than the rest of the encoder).
+used, and Adam on the full table costs more than the rest of the encoder). A second, shorter cosine cycle then
+starts from the first's EMA weights with shape twins in every batch (see ``shape_twin``): by the end of the first
+cycle color, size and triangles are learned but circles and squares are still drawn alike.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,12 +60,15 @@ class Recipe:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     save_every: int = 1200
+    twin_steps: int = 1200
+    twin_lr: float = 5e-4
+    twin_warmup_steps: int = 50
     eval_count: int = 256
 
 
 QUICK = Recipe(
     vae_steps=2, vae_decoder_steps=2, vae_batch=4, latent_count=16, unet_steps=3,
-    unet_batch=4, warmup_steps=1, save_every=0, eval_count=8,
+    unet_batch=4, warmup_steps=1, save_every=0, twin_steps=2, twin_warmup_steps=1, eval_count=8,
 )
 
 
@@ -181,15 +186,39 @@ class EmaWarmup:
             param.copy_(shadow)
 
 
+def shape_twin(spec: shapes.ShapeSpec, rng: np.random.Generator) -> shapes.ShapeSpec:
+    """The same image with the other one of circle and square (a triangle becomes either).
+
+    Circle and square differ only in a few corner cells of an 8x8 latent, so in a batch of unrelated images the
+    gradient that tells their words apart is buried under everything else; a twin with the same noise and timestep
+    isolates it."""
+    other = {"circle": "square", "square": "circle"}.get(spec.shape) or ("circle", "square")[rng.integers(2)]
+    return replace(spec, shape=other)
+
+
+@dataclass(frozen=True)
+class DenoiserCycle:
+    """One warmup + cosine cycle of the denoiser stage; with ``twins`` (posteriors and specs of each latent's
+    shape twin) half of every batch is the twins of the other half."""
+
+    steps: int
+    lr: float
+    warmup_steps: int
+    save_every: int = 0
+    twins: tuple[torch.Tensor, list[shapes.ShapeSpec]] | None = None
+
+
 def train_denoiser(
     model: nn.Module,
     posteriors: torch.Tensor,
     specs: list[shapes.ShapeSpec],
     recipe: Recipe,
+    cycle: DenoiserCycle,
     rng: np.random.Generator,
     save,
 ) -> None:
-    """Train ``model.model`` (UNet) and the text encoder's transformer; leaves the EMA weights in the model."""
+    """Train ``model.model`` (UNet) and the text encoder's transformer for one cycle, starting from the weights in
+    the model (fresh optimizer and EMA); leaves the EMA weights in the model."""
     unet = model.model
     text_model = model.cond_stage_model.transformer
     tokenizer = model.cond_stage_model.tokenizer
@@ -200,25 +229,33 @@ def train_denoiser(
     text_model.get_input_embeddings().requires_grad_(False)
     trained = nn.ModuleList([unet, text_model])
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(recipe.warmup_steps, recipe.unet_steps))
+    optimizer = torch.optim.AdamW(params, lr=cycle.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cycle.warmup_steps, cycle.steps))
     ema = EmaWarmup(trained, recipe.ema_decay)
     alphas_cumprod = model.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = snr.clamp(max=recipe.min_snr_gamma) / snr  # Min-SNR-gamma for eps prediction
     scale = model.scale_factor
     started, running = time.time(), 0.0
-    for step in range(recipe.unet_steps):
-        index = torch.from_numpy(rng.integers(0, len(specs), size=recipe.unet_batch))
+    drawn = recipe.unet_batch // 2 if cycle.twins else recipe.unet_batch
+    for step in range(cycle.steps):
+        index = torch.from_numpy(rng.integers(0, len(specs), size=drawn))
         mean, std = posteriors[index].chunk(2, dim=1)
-        latents = (mean + std * torch.randn_like(std)) * scale
+        sample_noise = torch.randn_like(std)
+        latents = (mean + std * sample_noise) * scale
         captions = [
             "" if rng.random() < recipe.empty_caption_rate else shapes.caption(specs[i], rng) for i in index.tolist()
         ]
+        timesteps = torch.randint(0, len(alphas_cumprod), (drawn,))
+        noise = torch.randn_like(latents)
+        if cycle.twins:
+            twin_posteriors, twin_specs = cycle.twins
+            twin_mean, twin_std = twin_posteriors[index].chunk(2, dim=1)
+            latents = torch.cat([latents, (twin_mean + twin_std * sample_noise) * scale])
+            captions += [text.replace(specs[i].shape, twin_specs[i].shape) for text, i in zip(captions, index.tolist())]
+            timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
         tokens = tokenizer(captions, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
         context = text_model(input_ids=tokens.input_ids).last_hidden_state
-        timesteps = torch.randint(0, len(alphas_cumprod), (recipe.unet_batch,))
-        noise = torch.randn_like(latents)
         signal_rate = alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
         noise_rate = (1 - alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
         prediction = model.apply_model(signal_rate * latents + noise_rate * noise, timesteps, context)
@@ -231,11 +268,11 @@ def train_denoiser(
         schedule.step()
         ema.update()
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == recipe.unet_steps - 1:
-            log(f"unet step {step}/{recipe.unet_steps} loss {running:.4f} lr {schedule.get_last_lr()[0]:.2e} "
-                f"({time.time() - started:.0f}s)")
-        if recipe.save_every and (step + 1) % recipe.save_every == 0 and step + 1 < recipe.unet_steps:
-            save_with_ema(model, ema, save, f"step{step + 1}")
+        if step % 50 == 0 or step == cycle.steps - 1:
+            log(f"unet{' twins' if cycle.twins else ''} step {step}/{cycle.steps} loss {running:.4f} "
+                f"lr {schedule.get_last_lr()[0]:.2e} ({time.time() - started:.0f}s)")
+        if cycle.save_every and (step + 1) % cycle.save_every == 0 and step + 1 < cycle.steps:
+            save_with_ema(model, ema, save, f"{'twins-' if cycle.twins else ''}step{step + 1}")
     ema.copy_to_model()
     unet.eval().requires_grad_(False)
     text_model.eval().requires_grad_(False)
@@ -282,6 +319,7 @@ DECODER_FIELDS = VAE_FIELDS + ("vae_decoder_steps",)
 DENOISER_FIELDS = VAE_FIELDS + (
     "latent_count", "unet_steps", "unet_batch", "unet_lr", "empty_caption_rate", "min_snr_gamma", "ema_decay",
 )
+TWINS_FIELDS = DENOISER_FIELDS + ("twin_steps", "twin_lr", "twin_warmup_steps")
 
 
 def refine_decoder(vae: nn.Module, recipe: Recipe, work_dir: Path) -> None:
@@ -299,9 +337,53 @@ def refine_decoder(vae: nn.Module, recipe: Recipe, work_dir: Path) -> None:
     save_tensors_atomic(decoder_cache, vae.decoder.state_dict())
 
 
+def load_denoiser(denoiser: nn.Module, path: Path) -> float:
+    """Load a cached denoiser stage; returns the latent scale factor it was trained with."""
+    from safetensors.torch import load_file
+
+    denoiser.load_state_dict(load_file(path))
+    with safe_open(str(path), "pt") as handle:
+        return float(handle.metadata()["scale_factor"])
+
+
+def train_denoiser_stages(model: nn.Module, denoiser: nn.Module, recipe: Recipe, work_dir: Path, twins_cache: Path):
+    """The first cycle on the cached latents (itself cached), then the shape-twin cycle from its EMA weights."""
+    torch.manual_seed(recipe.seed + 1)
+    data_rng = np.random.default_rng(recipe.seed + 2)
+    specs = [shapes.random_spec(data_rng) for _ in range(recipe.latent_count)]
+    vae = model.first_stage_model
+    posteriors = encode_posteriors(vae, [shapes.ShapeSample(*shapes.render(s), "", s) for s in specs])
+    mean, std = posteriors.chunk(2, dim=1)
+    model.scale_factor = float(f"{1.0 / (mean + std * torch.randn_like(std)).std().item():.5g}")
+    log(f"encoded {len(specs)} latents, scale_factor {model.scale_factor}")
+
+    def save(tag: str) -> None:
+        log(f"saved {write_outputs(model, model.scale_factor, work_dir / tag)}")
+
+    metadata = {"scale_factor": repr(model.scale_factor)}
+    first_cache = stage_cache(work_dir, "denoiser", recipe, DENOISER_FIELDS)
+    if first_cache.is_file():
+        load_denoiser(denoiser, first_cache)
+        log(f"first cycle loaded from {first_cache}")
+    else:
+        first = DenoiserCycle(recipe.unet_steps, recipe.unet_lr, recipe.warmup_steps, recipe.save_every)
+        train_denoiser(model, posteriors, specs, recipe, first, np.random.default_rng(recipe.seed + 3), save)
+        save_tensors_atomic(first_cache, denoiser.state_dict(), metadata)
+
+    twin_rng = np.random.default_rng(recipe.seed + 6)
+    twin_specs = [shape_twin(spec, twin_rng) for spec in specs]
+    twin_posteriors = encode_posteriors(vae, [shapes.ShapeSample(*shapes.render(s), "", s) for s in twin_specs])
+    torch.manual_seed(recipe.seed + 7)
+    twins = DenoiserCycle(
+        recipe.twin_steps, recipe.twin_lr, recipe.twin_warmup_steps, twins=(twin_posteriors, twin_specs)
+    )
+    train_denoiser(model, posteriors, specs, recipe, twins, np.random.default_rng(recipe.seed + 8), save)
+    save_tensors_atomic(twins_cache, denoiser.state_dict(), metadata)
+
+
 def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
-    """Three stages, each seeded on its own and cached in ``work_dir``: VAE, then UNet + text encoder on the
-    VAE's latents, then the decoder alone (last, since the latents do not depend on it)."""
+    """Stages, each seeded on its own and cached in ``work_dir``: VAE, then UNet + text encoder on the VAE's
+    latents (two cycles), then the decoder alone (last, since the latents do not depend on it)."""
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
@@ -320,26 +402,12 @@ def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
     log(f"vae held-out psnr {vae_psnr(vae, held_out):.2f} dB")
 
     denoiser = nn.ModuleDict({"unet": model.model, "text": model.cond_stage_model.transformer})
-    denoiser_cache = stage_cache(work_dir, "denoiser", recipe, DENOISER_FIELDS)
-    if denoiser_cache.is_file():
-        denoiser.load_state_dict(load_file(denoiser_cache))
-        with safe_open(str(denoiser_cache), "pt") as handle:
-            model.scale_factor = float(handle.metadata()["scale_factor"])
-        log(f"unet and text encoder loaded from {denoiser_cache}")
+    twins_cache = stage_cache(work_dir, "twins", recipe, TWINS_FIELDS)
+    if twins_cache.is_file():
+        model.scale_factor = load_denoiser(denoiser, twins_cache)
+        log(f"unet and text encoder loaded from {twins_cache}")
     else:
-        torch.manual_seed(recipe.seed + 1)
-        data_rng = np.random.default_rng(recipe.seed + 2)
-        specs = [shapes.random_spec(data_rng) for _ in range(recipe.latent_count)]
-        posteriors = encode_posteriors(vae, [shapes.ShapeSample(*shapes.render(s), "", s) for s in specs])
-        mean, std = posteriors.chunk(2, dim=1)
-        model.scale_factor = float(f"{1.0 / (mean + std * torch.randn_like(std)).std().item():.5g}")
-        log(f"encoded {len(specs)} latents, scale_factor {model.scale_factor}")
-
-        def save(tag: str) -> None:
-            log(f"saved {write_outputs(model, model.scale_factor, work_dir / tag)}")
-
-        train_denoiser(model, posteriors, specs, recipe, np.random.default_rng(recipe.seed + 3), save)
-        save_tensors_atomic(denoiser_cache, denoiser.state_dict(), {"scale_factor": repr(model.scale_factor)})
+        train_denoiser_stages(model, denoiser, recipe, work_dir, twins_cache)
 
     refine_decoder(vae, recipe, work_dir)
     log(f"vae held-out psnr after the decoder stage {vae_psnr(vae, held_out):.2f} dB")

@@ -140,39 +140,43 @@ def with_extent(spec: ShapeSpec, extent: float) -> ShapeSpec:
 @dataclass(frozen=True)
 class Measurement:
     color: str | None  # palette color nearest the mean foreground color; None when no foreground was found
-    shape: str | None  # shape whose silhouette, drawn in the foreground's bounding box, overlaps it best (IoU)
+    shape: str | None  # shape whose silhouette, drawn in the largest region's bounding box, overlaps it best (IoU)
     area: float  # foreground pixels as a fraction of the image
-    fill_ratio: float  # foreground pixels / bounding-box pixels
+    fill_ratio: float  # the largest region's pixels / its bounding-box pixels
 
 
 def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
-    """The shape: the largest 8-connected region of pixels far (RGB distance) from the background, taken as the
-    median color of the image border. Decoded images carry the odd stray pixel far from the shape; one such speck
-    in a corner would otherwise stretch the bounding box over the whole image and hide the shape."""
-    from scipy import ndimage
-
+    """Pixels far (RGB distance) from the background, taken as the median color of the image border."""
     pixels = image.astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
-    far = np.linalg.norm(pixels - background, axis=-1) > threshold
-    regions, count = ndimage.label(far, structure=np.ones((3, 3), dtype=bool))
+    return np.linalg.norm(pixels - background, axis=-1) > threshold
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of ``mask``: the shape itself. Decoded images carry the odd stray pixel far
+    from the shape; one such speck in a corner would stretch the bounding box over the whole image."""
+    from scipy import ndimage
+
+    regions, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
     if count <= 1:
-        return far
-    largest = 1 + int(np.argmax(ndimage.sum_labels(far, regions, index=np.arange(1, count + 1))))
-    return regions == largest
+        return mask
+    return regions == 1 + int(np.argmax(ndimage.sum_labels(mask, regions, index=np.arange(1, count + 1))))
 
 
 def measure(image: np.ndarray) -> Measurement:
-    """Color, shape, area and fill ratio of the one shape in ``image`` ((H, W, 3) uint8)."""
+    """Color and area of the foreground of ``image`` ((H, W, 3) uint8); shape and fill ratio of its largest
+    region."""
     mask = foreground_mask(image)
     if not mask.any():
         return Measurement(None, None, 0.0, 0.0)
     mean_color = image[mask].astype(np.float32).mean(axis=0)
     color = min(COLORS, key=lambda name: float(np.linalg.norm(mean_color - np.asarray(COLORS[name]))))
-    rows, cols = np.nonzero(mask)
+    shape = largest_region(mask)
+    rows, cols = np.nonzero(shape)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    fill = float(mask.sum() / ((bottom - top) * (right - left)))
-    return Measurement(color, nearest_silhouette(mask, (top, bottom, left, right)), float(mask.mean()), fill)
+    fill = float(shape.sum() / ((bottom - top) * (right - left)))
+    return Measurement(color, nearest_silhouette(shape, (top, bottom, left, right)), float(mask.mean()), fill)
 
 
 def nearest_silhouette(mask: np.ndarray, box: tuple[int, int, int, int]) -> str:
