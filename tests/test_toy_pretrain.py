@@ -21,6 +21,9 @@ def test_quick_run_writes_a_loadable_reproducible_checkpoint(tmp_path):
     assert [len(list(work.glob(f"{stage}-*.safetensors"))) for stage in stages] == [1, 1, 1, 1]
     pretrain.pretrain(pretrain.QUICK, out, work)  # the rerun takes every stage from the cache
     assert checkpoint.read_bytes() == first
+    next(work.glob("decoder-*.safetensors")).unlink()  # the decoder stage again, in this process this time
+    pretrain.pretrain(pretrain.QUICK, out, work)
+    assert checkpoint.read_bytes() == first
 
     yaml_path = checkpoint.with_suffix(".yaml")
     from omegaconf import OmegaConf

@@ -1,6 +1,6 @@
 """Pretrain the toy model on synthetic shapes: VAE first, then UNet and text encoder on cached latents.
 
-    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~55 min on a free CPU thread
+    python -m lorakit_ext.toy.pretrain --out lorakit_ext/toy/weights     # ~58 min on 2 free CPU cores
     python -m lorakit_ext.toy.pretrain --out /tmp/toy --quick            # a few steps, for a smoke test
 
 Seeded and single-threaded, so the same command gives the same file. Writes the checkpoint (fp16, ldm keys), its
@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import tempfile
 import time
@@ -381,9 +382,20 @@ def train_denoiser_stages(model: nn.Module, denoiser: nn.Module, recipe: Recipe,
     save_tensors_atomic(twins_cache, denoiser.state_dict(), metadata)
 
 
+def decoder_stage_process(recipe: Recipe, work_dir: Path) -> None:
+    """Entry of the second process: the decoder stage from the cached VAE stage."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    vae = build_model(ldm_config(1.0, str(TEXT_DIR))).first_stage_model
+    vae.load_state_dict(load_file(stage_cache(work_dir, "vae", recipe, VAE_FIELDS)))
+    refine_decoder(vae, recipe, work_dir)
+
+
 def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
     """Stages, each seeded on its own and cached in ``work_dir``: VAE, then UNet + text encoder on the VAE's
-    latents (two cycles), then the decoder alone (last, since the latents do not depend on it)."""
+    latents (two cycles) while the decoder alone trains in a second process (the latents do not depend on it; its
+    seeds are its own, so the file is the same either way)."""
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
@@ -407,7 +419,17 @@ def pretrain(recipe: Recipe, out_dir: Path, work_dir: Path) -> Path:
         model.scale_factor = load_denoiser(denoiser, twins_cache)
         log(f"unet and text encoder loaded from {twins_cache}")
     else:
+        decoder_helper = None
+        if not stage_cache(work_dir, "decoder", recipe, DECODER_FIELDS).is_file():
+            decoder_helper = multiprocessing.get_context("spawn").Process(
+                target=decoder_stage_process, args=(recipe, work_dir), name="decoder stage"
+            )
+            decoder_helper.start()
         train_denoiser_stages(model, denoiser, recipe, work_dir, twins_cache)
+        if decoder_helper is not None:
+            decoder_helper.join()
+            if decoder_helper.exitcode != 0:
+                raise RuntimeError(f"the decoder stage's process failed (exit code {decoder_helper.exitcode})")
 
     refine_decoder(vae, recipe, work_dir)
     log(f"vae held-out psnr after the decoder stage {vae_psnr(vae, held_out):.2f} dB")
