@@ -161,3 +161,10 @@ def test_a_file_holding_nan_gets_a_warning_not_numbers(tmp_path):
     assert "NaN" in metrics["warnings"][0] and "summary" not in metrics
     _, json_path = report_paths(path)
     assert json.loads(json_path.read_text())["warnings"] == metrics["warnings"]
+
+
+def test_one_swap_in_five_weights_is_exactly_rho_09_the_goal_line():
+    from lorakit_ext.slider.report import spearman
+
+    assert spearman([-1.0, -0.5, 0.0, 0.5, 1.0], [0.047, 0.045, 0.052, 0.0996, 0.188]) == 0.9
+    assert spearman([1, 2, 3], [5, 5, 5]) == 0.0

@@ -83,8 +83,9 @@ def test_copier_slider_alone_on_the_base_model_moves_the_training_prompt_from_a_
         with_a = render_sweep(adapter, load_network(result.output), settings)
     finally:
         lora_a.detach()
-    for seed, images in zip(SEEDS, with_a[0]):
-        areas = [measure_pixels(image).area for image in images]
+    areas_with_a = [[measure_pixels(image).area for image in images] for images in with_a[0]]
+    print(json.dumps({"areas_with_a": areas_with_a}))
+    for seed, areas in zip(SEEDS, areas_with_a):
         assert spearman(list(settings.weights), areas) >= 0.9 and areas[-1] - areas[0] >= 0.05, (seed, areas)
 
 

@@ -87,12 +87,13 @@ def measure_pixels(image: np.ndarray) -> PixelMeasure:
 
 
 def spearman(values: Sequence[float], ranks_of: Sequence[float]) -> float:
-    """Spearman rho of two sequences; 0 when either is constant (no monotonic relation to speak of)."""
+    """Spearman rho of two sequences; 0 when either is constant (no monotonic relation to speak of). Rounded to 9
+    places: rho of ranks is a ratio of small integers, and one swap in 5 must give 0.9, not 0.8999999999999998."""
     from scipy.stats import spearmanr
 
     if len(set(values)) < 2 or len(set(ranks_of)) < 2:
         return 0.0
-    return float(spearmanr(values, ranks_of).statistic)
+    return round(float(spearmanr(values, ranks_of).statistic), 9)
 
 
 def hue_distance(first: float, second: float) -> float:
