@@ -78,14 +78,5 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
     if result is None:
         print("cancelled: nothing saved", file=sys.stderr)
         return 130
-    summary = {
-        "method": result.method,
-        "output": str(result.output) if result.output else None,
-        "kept_a": str(result.kept_a) if result.kept_a else None,
-        "copy_similarity": result.copy_similarity,
-        "stopped": result.stopped,
-        "report": (result.metrics or {}).get("summary"),
-        "warnings": result.warnings,
-    }
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(result.summary(), indent=2))
     return 0

@@ -60,6 +60,18 @@ class SliderResult:
     warnings: list[str] = field(default_factory=list)
     stopped: bool = False
 
+    def summary(self) -> dict:
+        """The JSON-ready outcome: what the CLI prints and what a WebUI / HTTP job returns beside its file fields."""
+        return {
+            "method": self.method,
+            "output": str(self.output) if self.output else None,
+            "kept_a": str(self.kept_a) if self.kept_a else None,
+            "copy_similarity": self.copy_similarity,
+            "stopped": self.stopped,
+            "report": (self.metrics or {}).get("summary"),
+            "warnings": self.warnings,
+        }
+
 
 def slider_config(pair_set: PairSet, values: Mapping[str, object] | None = None, toml: str | Path | None = None):
     """The ``TrainConfig`` of a slider job: the recipe, then the TOML file, then ``values``; the resolution defaults

@@ -271,14 +271,10 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
                             report=report, token=token)
         grid, numbers = report_paths(out)
         return {
+            **result.summary(),
             **file_result(result.output, [result.output] if result.output else []),
-            "kept_a": str(result.kept_a) if result.kept_a else None,
-            "copy_similarity": result.copy_similarity,
-            "report": (result.metrics or {}).get("summary"),
             "report_grid": str(grid) if grid.is_file() else None,
             "report_json": str(numbers) if numbers.is_file() else None,
-            "warnings": result.warnings,
-            "stopped": result.stopped,
         }
 
     return Operation(method, f"{method} slider '{out.stem}' from {len(pair_set.pairs)} pairs", run, needs_model=True)
