@@ -30,15 +30,15 @@ def low_rank_terms(
 ) -> dict[str, list[LowRank]]:
     """Per module name (in order of first appearance), each input's term with its ratio folded into ``scale``.
 
-    Checked across inputs: all are for one architecture (``check_architectures``); every module's delta must have the same rows and columns in every input that has it
-    (else one error listing the modules); a module's shape comes from ``shapes`` (a checkpoint's), else from any
-    input that tells it, else from its name (``guess_shape``).
+    Checked across inputs: all are for one architecture (``check_architectures``); every module's delta must have
+    the same rows and columns in every input that has it (else one error listing the modules). A module's shape
+    comes from ``shapes`` (a checkpoint's), else from any input that tells it, else from its name (``guess_shape``).
     """
     if len(networks) != len(ratios):
         raise LorakitError(f"--ratios: {len(ratios)} ratios for {len(networks)} networks")
     if not networks:
         raise LorakitError("--models: nothing to merge")
-    sources = sources or [f"input {i + 1}" for i in range(len(networks))]
+    sources = source_names(networks, sources)
     check_architectures(networks, sources)
     terms: dict[str, list[LowRank]] = {}
     for network, ratio, source in zip(networks, ratios, sources):
@@ -136,12 +136,17 @@ def merge_networks(
     return NetworkWeights(modules, merged_metadata(networks, ratios, sources))
 
 
+def source_names(networks: Sequence[NetworkWeights], sources: Sequence[str] | None) -> list[str]:
+    """The names messages and metadata give the inputs: ``sources`` where given, else "input 1", "input 2", ..."""
+    return list(sources) if sources else [f"input {i + 1}" for i in range(len(networks))]
+
+
 def merged_metadata(
     networks: Sequence[NetworkWeights], ratios: Sequence[float], sources: Sequence[str] | None
 ) -> dict[str, str]:
     """What a merged file records of its sources: names, ratios and model hashes (``ss_merged_from``), plus the
     fields every source agrees on that describe the base model (``ss_sd_model_name``, ``ss_v2``, ...)."""
-    sources = sources or [f"input {i + 1}" for i in range(len(networks))]
+    sources = source_names(networks, sources)
     merged_from = [network_record(n, ratio, source) for n, ratio, source in zip(networks, ratios, sources)]
     shared = {}
     for key in ("ss_sd_model_name", "ss_base_model_version", "ss_v2", "modelspec.architecture", "modelspec.resolution"):

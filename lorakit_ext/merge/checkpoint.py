@@ -18,7 +18,14 @@ from torch import Tensor
 from lorakit_ext.errors import LorakitError, first_few
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import STALE_KEYS, all_finite, network_arch
-from lorakit_ext.merge.algebra import Progress, arch_family, concat, low_rank_terms, network_record
+from lorakit_ext.merge.algebra import (
+    Progress,
+    arch_family,
+    concat,
+    low_rank_terms,
+    network_record,
+    source_names,
+)
 from lorakit_ext.merge.svd import RankRule, Report, Spectrum, compressed_network
 from lorakit_ext.models import naming
 from lorakit_ext.networks.weights import NetworkWeights
@@ -81,7 +88,7 @@ def merge_into_checkpoint(
     state, stated = safetensors_io.load_file(checkpoint)
     arch = checkpoint_arch(state, checkpoint)
     table = target_table(state, checkpoint, arch)
-    sources = list(sources or [f"input {i + 1}" for i in range(len(networks))])
+    sources = source_names(networks, sources)
     families = [arch_family(network_arch(network)) for network in networks]
     for network, source, family in zip(networks, sources, families):
         unmatched = sorted(set(network.modules) - set(table))
