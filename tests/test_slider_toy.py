@@ -19,6 +19,7 @@ from lorakit_ext.slider.methods import (
     METADATA_METHOD,
     METADATA_SOURCES,
     PairPartners,
+    _frozen_branch,
     copier,
     paired,
 )
@@ -75,10 +76,7 @@ def test_copier_slider_alone_on_the_base_model_moves_the_training_prompt_from_a_
 
     # on the model B was trained against (A applied), the training prompt draws A's circle, and B grows it: foreground
     # area rises with B's weight on every seed (measured: rho 1.0 on all four, area +0.10 to +0.20 from -1 to +1)
-    from lorakit_ext.networks.network import network_from_weights
-
-    lora_a = network_from_weights(load_network(result.kept_a), adapter.targets(), adapter.arch).eval()
-    lora_a.attach()
+    lora_a = _frozen_branch(load_network(result.kept_a), adapter)  # as the copier attached it while training B
     try:
         with_a = render_sweep(adapter, load_network(result.output), settings)
     finally:

@@ -45,7 +45,8 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
     pair_set = load_pairs(args.a, args.b, args.pairs, args.suffix, args.side_by_side)
     for name in pair_set.unmatched:
         print(f"warning: {name} has no partner and is left out", file=sys.stderr)
-    config = slider_config(pair_set, config_overrides(args), args.config)  # each training pass validates it with its data folder
+    # each training pass validates the config with its data folder
+    config = slider_config(pair_set, config_overrides(args), args.config)
     settings = None
     if not args.no_report:
         width, height = config.resolution
