@@ -184,7 +184,8 @@ def extract_lora(
         spectra[name] = dense_spectrum(diff.reshape(shape[0], -1), shape, rule.singular_values_needed(shape))
     if not spectra:
         raise LorakitError(f"{tuned}: no targeted weight differs from {base}: nothing to extract")
-    metadata = {"ss_extracted_from": json.dumps({"base": source_record(base, base_stated), "tuned": source_record(tuned, tuned_stated)})}
+    extracted_from = {"base": source_record(base, base_stated), "tuned": source_record(tuned, tuned_stated)}
+    metadata = {"ss_extracted_from": json.dumps(extracted_from)}
     return compressed_network(spectra, rule, metadata, clamp_quantile=clamp_quantile, bytes_per_value=bytes_per_value)
 
 

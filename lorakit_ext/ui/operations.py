@@ -27,8 +27,6 @@ SAVE_PRECISIONS = tuple(SAVE_DTYPES)
 SLIDER_METHODS = ("copier", "difference", "paired")
 
 
-
-
 # --- training ------------------------------------------------------------------------------------------------------
 
 
