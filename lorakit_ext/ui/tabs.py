@@ -486,4 +486,3 @@ def build_blocks(host: Host, manager: JobManager) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as blocks:
         LorakitTabs(host, manager).build()
     return blocks
-
