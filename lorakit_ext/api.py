@@ -3,7 +3,8 @@
 POST ``train`` / ``copier`` / ``difference`` / ``merge`` take the same options the CLI takes (kohya names for
 training, the merge verbs' flag names for merges) and answer ``{"id": ...}``; GET ``jobs`` and ``jobs/{id}``
 report progress and results; POST ``jobs/{id}/stop`` (``?cancel=true`` to save nothing). One job at a time: a
-second answers 409. Errors are ``{"error": "one line"}`` with 400 (bad input), 404 or 409. Written for fastapi 0.94 / pydantic 1, the WebUI's.
+second answers 409. Errors are ``{"error": "one line"}`` with 400 (bad input), 404 or 409. Written for fastapi
+0.94 / pydantic 1, the WebUI's.
 
 Given credentials (the WebUI's ``--api-auth``), every route asks for HTTP Basic auth and answers 401 otherwise,
 the check ``modules/api/api.py`` puts on ``/sdapi/v1`` (WebUI 1.10).

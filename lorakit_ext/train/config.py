@@ -212,7 +212,9 @@ class TrainConfig:
         check_option(self.max_train_epochs is None or self.max_train_epochs > 0, "max_train_epochs", "must be positive")
         check_option(self.train_batch_size > 0, "train_batch_size", "must be positive")
         check_option(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
-        check_option(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"must be {', '.join(MIXED_PRECISIONS)}")
+        check_option(
+            self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"must be {', '.join(MIXED_PRECISIONS)}"
+        )
         check_option(self.save_precision in SAVE_PRECISIONS, "save_precision", f"must be {', '.join(SAVE_PRECISIONS)}")
         check_option(self.noise_offset >= 0, "noise_offset", "must be 0 or more")
         check_option(self.multires_noise_iterations >= 0, "multires_noise_iterations", "must be 0 or more")
@@ -232,14 +234,18 @@ class TrainConfig:
             "sample_every_n_steps",
         ):
             check_option(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive")
-        check_option(bool(self.output_name.strip()) and "/" not in self.output_name, "output_name", "must be a file stem")
+        check_option(
+            bool(self.output_name.strip()) and "/" not in self.output_name, "output_name", "must be a file stem"
+        )
         check_option(self.sample_sampler in SAMPLERS, "sample_sampler", f"must be one of {', '.join(SAMPLERS)}")
         if self.sample_every_n_epochs or self.sample_every_n_steps:
             check_option(bool(self.sample_prompts), "sample_prompts", "is needed when sampling every N epochs/steps")
         for name in ("sample_prompts", "network_weights"):
             path = getattr(self, name)
             check_option(path is None or Path(path).is_file(), name, f"file {path} does not exist")
-        check_option(self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found")
+        check_option(
+            self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found"
+        )
         if self.cache_text_encoder_outputs and self.trains_text_encoder():
             raise LorakitError(
                 "cache_text_encoder_outputs needs a frozen text encoder: "

@@ -83,7 +83,9 @@ class DatasetConfig:
         if self.enable_bucket and not self.bucket_no_upscale:
             check_option(self.min_bucket_reso > 0, "min_bucket_reso", "must be positive")
             for option in ("min_bucket_reso", "max_bucket_reso"):
-                check_option(getattr(self, option) % steps == 0, option, f"must be a multiple of bucket_reso_steps ({steps})")
+                check_option(
+                    getattr(self, option) % steps == 0, option, f"must be a multiple of bucket_reso_steps ({steps})"
+                )
             check_option(
                 self.min_bucket_reso <= min(width, height),
                 "min_bucket_reso",
