@@ -1,4 +1,5 @@
-"""benchmarks/slider_toy.py's reference for the centroid goal: a perfect slider's drift, from geometry alone."""
+"""benchmarks/slider_toy.py's perfect slider, the ceiling its goals are read against: geometry alone, measured by the
+report's own pixel measures."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorakit_ext.slider.report import DEFAULT_WEIGHTS, measure_pixels, run_metrics
 from lorakit_ext.toy.shapes import ShapeSpec, render
 
 
@@ -20,11 +22,37 @@ def bench():
     return module
 
 
+def test_a_perfect_slider_grows_the_shape_in_place_and_keeps_its_color(bench):
+    base, _ = render(ShapeSpec("square", "blue", "white", 0.25, (32.0, 32.0)))
+    sweep = bench.perfect_slider_sweep(base, DEFAULT_WEIGHTS)
+    assert sweep.shape == (5, 64, 64, 3)
+    assert np.array_equal(sweep[2], base)
+    areas = [measure_pixels(image).area for image in sweep]
+    # 16 px wide, 17 px in the foreground mask (its antialiased rim): 11, 13, 17, 22, 27 px at weights -1 .. 1
+    assert areas == pytest.approx([(side / 64) ** 2 for side in (11, 13, 17, 22, 27)], abs=0.002)
+    numbers = run_metrics(sweep, DEFAULT_WEIGHTS)
+    assert numbers["rho"] == 1.0
+    assert numbers["hue_drift_deg"] < 1.0
+    assert numbers["centroid_drift_px"] <= 1.0  # whole-pixel placement: up to half a pixel on each axis
+    assert numbers["background_change"] < 1.0
+
+
 def test_a_perfect_slider_drifts_only_where_the_grown_shape_meets_the_border(bench):
-    centered, _ = render(ShapeSpec("square", "blue", "white", 0.25, (32.0, 32.0)))
-    assert bench.ideal_centroid_drift(centered) == 0.0
-    # 24 px wide, spanning x 14..38 and y 0..24: grown 1.6x it is 38.4 px wide (half 19.2), which fits around x = 26
-    # but not around y = 12, so the center must move down to y = 19.2: 7.2 px
+    # 24 px wide, spanning x 14..38 and y 0..24: grown 1.6x it is 38 px wide (half 19), which fits around x = 26
+    # but not around y = 12, so the center must move down to y = 19: 7 px
     corner, _ = render(ShapeSpec("square", "blue", "white", 0.375, (26.0, 12.0)))
-    assert bench.ideal_centroid_drift(corner) == pytest.approx(7.2, abs=0.6)
-    assert bench.ideal_centroid_drift(np.full((64, 64, 3), 245, dtype=np.uint8)) is None
+    numbers = run_metrics(bench.perfect_slider_sweep(corner, DEFAULT_WEIGHTS), DEFAULT_WEIGHTS)
+    assert numbers["centroid_drift_px"] == pytest.approx(7.0, abs=0.6)
+    assert numbers["rho"] == 1.0
+    assert bench.perfect_slider_sweep(np.full((64, 64, 3), 245, dtype=np.uint8), DEFAULT_WEIGHTS) is None
+
+
+def test_centroid_drift_beyond_the_perfect_sliders_is_judged_per_base_image(bench):
+    perfect = [{"prompt": "p", "seed": 0, "rho": 1.0, "hue_drift_deg": 0.0, "centroid_drift_px": 7.0,
+                "background_change": 0.0}]
+    method = {"runs": [{**perfect[0], "centroid_drift_px": 8.5}, {**perfect[0], "prompt": ""}]}
+    (run,) = bench.judged_runs(method, bench.judged_runs({"runs": perfect}))
+    assert not run["centroid_ok"] and run["centroid_beyond_perfect_px"] == pytest.approx(1.5)
+    assert run["centroid_beyond_perfect_ok"]
+    verdict = bench.goals([run])
+    assert verdict["meets_goal_beyond_border"] and not verdict["meets_goal"]

@@ -55,6 +55,20 @@ def test_a_growing_shape_is_monotonic_without_drift_and_a_colour_change_is_caugh
     assert run_metrics(_growing(SPEC)[::-1], WEIGHTS)["rho"] == pytest.approx(-1.0)
 
 
+def test_a_shape_grown_over_the_border_is_measured_against_the_base_background():
+    # the largest sizes cover most of the border (the last fills the frame): measured against their own border
+    # color they read as background (area 0); a run measures them against the weight-0 image's background
+    images = _growing(ShapeSpec("square", "blue", "white", 0.5, (32.0, 32.0)), extents=(0.3, 0.4, 0.5, 0.9, 1.0))
+    assert measure_pixels(images[4]).area == 0.0
+    growing = run_metrics(images, WEIGHTS)
+    assert growing["area"][3:] == pytest.approx([0.81, 1.0], abs=0.03)
+    assert growing["rho"] == 1.0
+    # a background the LoRA tints (white to light gray) is still the background: only the shape counts
+    tinted = _growing(SPEC)
+    tinted[0][np.all(tinted[0] == 245, axis=-1)] = 175
+    assert run_metrics(tinted, WEIGHTS)["area"][0] == pytest.approx(measure_pixels(_growing(SPEC)[0]).area, abs=0.002)
+
+
 def test_sweep_summary_symmetry_and_the_no_effect_warning():
     settings = SweepSettings(weights=WEIGHTS, prompts=("", "other"), seeds=(0, 1), toy_world=True)
     growing = _growing(SPEC)

@@ -68,11 +68,12 @@ class PixelMeasure:
     foreground: np.ndarray = field(repr=False)
 
 
-def measure_pixels(image: np.ndarray) -> PixelMeasure:
-    """Foreground = pixels far from the border's median color (the toy world's measure, any plain background)."""
+def measure_pixels(image: np.ndarray, background: np.ndarray | None = None) -> PixelMeasure:
+    """Foreground = pixels far from the background color (the toy world's measure, any plain background):
+    ``background`` where given, else the image's border color."""
     from lorakit_ext.toy.shapes import foreground_mask
 
-    mask = foreground_mask(image)
+    mask = foreground_mask(image, background=background)
     if not mask.any():
         return PixelMeasure(0.0, None, None, mask)
     rows, cols = np.nonzero(mask)
@@ -102,11 +103,25 @@ def hue_distance(first: float, second: float) -> float:
     return min(difference, 360.0 - difference)
 
 
+def background_of(image: np.ndarray, base_image: np.ndarray, base: PixelMeasure) -> np.ndarray:
+    """The background color to measure ``image`` (one weight of a run) against: its own border color (which
+    follows a background the LoRA recolors), unless that color is the base image's shape color, as when the shape
+    has grown over most of the border: then the base image's background (a square filling the frame is area 1, not
+    0)."""
+    from lorakit_ext.toy.shapes import FOREGROUND_DISTANCE, border_color
+
+    own = border_color(image)
+    if not base.foreground.any():
+        return own
+    base_shape = base_image[base.foreground].astype(np.float32).mean(axis=0)
+    return border_color(base_image) if np.linalg.norm(own - base_shape) <= FOREGROUND_DISTANCE else own
+
+
 def run_metrics(images: np.ndarray, weights: Sequence[float]) -> dict:
     """Numbers for one prompt/seed run: ``images`` (W, H, W, 3) uint8, one per weight."""
-    measures = [measure_pixels(image) for image in images]
     base_index = list(weights).index(0.0)
-    base = measures[base_index]
+    base = measure_pixels(images[base_index])
+    measures = [measure_pixels(image, background_of(image, images[base_index], base)) for image in images]
     areas = [m.area for m in measures]
     hue_drift = [hue_distance(m.hue, base.hue) for m in measures if m.hue is not None and base.hue is not None]
     centroid_drift = [

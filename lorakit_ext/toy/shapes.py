@@ -37,6 +37,7 @@ CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
     ("a {size} {color} {shape}", 0.2),
     ("a {color} {shape}", 0.3),
 )
+FOREGROUND_DISTANCE = 60.0  # RGB distance from the background beyond which a pixel is foreground
 SUPERSAMPLE = 4  # shapes are drawn this many times larger, then box-filtered: antialiased edges and a soft mask
 
 
@@ -145,12 +146,20 @@ class Measurement:
     fill_ratio: float  # the largest region's pixels / its bounding-box pixels
 
 
-def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
-    """Pixels far (RGB distance) from the background, taken as the median color of the image border."""
+def border_color(image: np.ndarray) -> np.ndarray:
+    """The median color of the image's outermost pixels: the background, wherever the shape leaves most of the
+    border free."""
     pixels = image.astype(np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    return np.linalg.norm(pixels - background, axis=-1) > threshold
+    return np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]), axis=0)
+
+
+def foreground_mask(
+    image: np.ndarray, threshold: float = FOREGROUND_DISTANCE, background: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixels far (RGB distance) from the background color: ``background`` where given, else the image's border
+    color."""
+    reference = border_color(image) if background is None else background
+    return np.linalg.norm(image.astype(np.float32) - reference, axis=-1) > threshold
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
