@@ -41,6 +41,11 @@ def test_measures_of_a_rendered_shape():
     assert hue_distance(measure.hue, 230.0) < 1  # COLORS["blue"] = (40, 70, 220)
     assert measure_pixels(render(ShapeSpec("square", "white", "black", 0.4, (32.0, 32.0)))[0]).hue is None
     assert hue_distance(350.0, 10.0) == 20.0
+    speckled = image.copy()
+    speckled[60:62, 2:4] = (220, 40, 40)  # a red speck in a corner: foreground area, not part of the shape
+    specked = measure_pixels(speckled)
+    assert specked.area == pytest.approx(measure.area + 4 / 64**2)
+    assert specked.centroid == measure.centroid and specked.hue == measure.hue
 
 
 def test_a_growing_shape_is_monotonic_without_drift_and_a_colour_change_is_caught():

@@ -59,8 +59,9 @@ class SweepSettings:
 
 @dataclass(frozen=True)
 class PixelMeasure:
-    """One image's foreground: area (fraction of the image), hue in degrees (None when unsaturated or empty),
-    centroid (x, y) in pixels (None when empty), and the foreground mask."""
+    """One image's foreground: area (fraction of the image, every foreground pixel), the shape's hue in degrees
+    (None when unsaturated or empty) and centroid (x, y) in pixels (None when empty), and the foreground mask. The
+    shape is the largest connected foreground region, so a stray speck does not move its centroid or hue."""
 
     area: float
     hue: float | None
@@ -71,13 +72,14 @@ class PixelMeasure:
 def measure_pixels(image: np.ndarray, background: np.ndarray | None = None) -> PixelMeasure:
     """Foreground = pixels far from the background color (the toy world's measure, any plain background):
     ``background`` where given, else the image's border color."""
-    from lorakit_ext.toy.shapes import foreground_mask
+    from lorakit_ext.toy.shapes import foreground_mask, largest_region
 
     mask = foreground_mask(image, background=background)
     if not mask.any():
         return PixelMeasure(0.0, None, None, mask)
-    rows, cols = np.nonzero(mask)
-    red, green, blue = image[mask].astype(np.float64).mean(axis=0) / 255.0
+    shape = largest_region(mask)
+    rows, cols = np.nonzero(shape)
+    red, green, blue = image[shape].astype(np.float64).mean(axis=0) / 255.0
     hue, saturation, _ = colorsys.rgb_to_hsv(red, green, blue)
     return PixelMeasure(
         float(mask.mean()),
