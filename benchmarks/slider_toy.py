@@ -1,10 +1,11 @@
 """Slider quality on the toy world: copier, difference, paired, and a naive LoRA trained on B alone, side by side.
 
-Task (lorakit_ext.slider.demo): A = a red circle, B = the same image with the circle 1.6x wider. Each method's LoRA is
-applied to the base toy model for 4 prompts of other colors and shapes x 16 seeds x weights -1, -0.5, 0, 0.5, 1, and
-measured on pixels: Spearman rho between weight and foreground area, hue and centroid drift from weight 0 (the
-largest over the weights), background change. The empty training prompt is rendered too (the grid's first rows) but
-not judged.
+Task (lorakit_ext.slider.demo): A = a red circle, B = the same image with the circle 1.6x wider, on each of the toy
+world's backgrounds (``--backgrounds white`` for one pair), with the demo's training settings (``--set`` changes
+any). Each method's LoRA is applied to the base toy model for 4 prompts of other colors and shapes x 16 seeds x
+weights -1, -0.5, 0, 0.5, 1, and measured on pixels: Spearman rho between weight and foreground area, hue and
+centroid drift of the shape from weight 0 (the largest over the weights), background change. The training prompt
+is rendered too (the grid's first rows) but not judged.
 
 Goals for copier and difference, judged per prompt/seed run: rho >= 0.9, hue drift <= 10 degrees, centroid drift
 <= 2 px (a drift that cannot be measured, because the shape vanished or lost its colour, fails). A method meets the
@@ -17,7 +18,7 @@ draws (large shapes near the border must move to grow). Each method's centroid d
 perfect slider's on the same base image (``meets_goal_beyond_border``): the drift the border does not force.
 
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
-        [--methods copier ...] [--set OPTION=VALUE ...]
+        [--methods copier ...] [--backgrounds white gray black] [--masked] [--set OPTION=VALUE ...]
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_quick --quick   # starts, ~2 min
 """
 
@@ -34,12 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run as python benchmarks/NAME.py
 
-from lorakit_ext.slider.demo import GROWTH, toy_config, toy_pair_set
+from lorakit_ext.slider.demo import GROWTH, TOY_BACKGROUNDS, toy_config, toy_pair_set
+from lorakit_ext.toy.shapes import BACKGROUNDS
 
-# the training prompt (empty, not judged) plus four prompts of other colors and shapes (judged)
-PROMPTS = ("", "a blue square", "a green triangle", "a yellow circle", "a blue triangle")
+# judged: four prompts of other colors and shapes (the report renders the training prompt first, not judged)
+JUDGED_PROMPTS = ("a blue square", "a green triangle", "a yellow circle", "a blue triangle")
 GOAL_RHO, GOAL_FRACTION, GOAL_HUE_DEG, GOAL_CENTROID_PX = 0.9, 0.9, 10.0, 2.0
 QUICK = {"seeds": 2, "steps": 4, "sample_steps": 4}
+# benchmark name: (slider method, its options); "naive" is a LoRA trained on B alone
+METHODS = {
+    "copier": ("copier", {}),
+    "difference": ("difference", {}),
+    "difference-b-from-a": ("difference", {"b_from_a": True}),
+    "paired": ("paired", {}),
+    "naive": (None, {}),
+}
 
 
 def judged_runs(metrics: dict, perfect: list[dict] | None = None) -> list[dict]:
@@ -49,7 +59,7 @@ def judged_runs(metrics: dict, perfect: list[dict] | None = None) -> list[dict]:
     forced = {(r["prompt"], r["seed"]): r["centroid_drift_px"] for r in perfect or ()}
     judged = []
     for run in metrics["runs"]:
-        if not run["prompt"]:
+        if run["prompt"] not in JUDGED_PROMPTS:
             continue
         hue, centroid = run["hue_drift_deg"], run["centroid_drift_px"]
         judged.append({
@@ -152,7 +162,7 @@ def perfect_slider(adapter, settings) -> list[dict]:
     from lorakit_ext.sampling import sample, to_uint8
     from lorakit_ext.slider.report import run_metrics
 
-    judged = [prompt for prompt in settings.prompts if prompt]
+    judged = [prompt for prompt in settings.prompts if prompt in JUDGED_PROMPTS]
     prompts = [prompt for prompt in judged for _ in settings.seeds]
     seeds = list(settings.seeds) * len(judged)
     with torch.no_grad():
@@ -212,9 +222,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="training steps per pass (default: the demo's)")
     parser.add_argument("--sample-steps", type=int, default=12)
-    parser.add_argument("--methods", nargs="+", default=["copier", "difference", "paired", "naive"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--backgrounds", nargs="+", default=list(TOY_BACKGROUNDS), choices=list(BACKGROUNDS),
+                        help="one pair per background, the same circle on each (default: the demo's)")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", type=training_override,
                         help="a training option over the demo's (repeatable), e.g. --set min_timestep=200")
+    parser.add_argument("--masked", action="store_true", help="weight the loss by the pairs' difference mask")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     args = parser.parse_args()
     if args.quick:
@@ -228,25 +241,30 @@ def main() -> None:
     from lorakit_ext.toy.model import load_toy_model
 
     args.out.mkdir(parents=True, exist_ok=True)
-    pair_set = toy_pair_set(args.out / "pairs")
+    pair_set = toy_pair_set(args.out / "pairs", tuple(args.backgrounds))
     overrides = dict(args.set, **({"max_train_steps": args.steps} if args.steps else {}))
     config = toy_config(pair_set, **overrides)
     adapter = LdmAdapter(load_toy_model())
-    settings = SweepSettings(prompts=PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True)
+    prompts = (config.default_caption, *JUDGED_PROMPTS)  # the pairs' caption first: the effect along A -> B
+    settings = SweepSettings(prompts=prompts, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True)
     perfect = perfect_slider(adapter, settings)
     results, runs = {}, {}
     for method in args.methods:
         started = time.time()
         out = args.out / f"{method}.safetensors"
         extra = {}
-        if method == "naive":
-            data = write_dataset(pair_set, "b", args.out / "naive_data")
-            train_pass(config, adapter, data, out, lambda **_: None, None)
+        slider_method, options = METHODS[method]
+        if slider_method is None:
+            data = write_dataset(pair_set, "b", args.out / "naive_data", masked=args.masked)
+            train_pass(config.with_overrides({"masked_loss": args.masked}, source="benchmark"), adapter, data, out,
+                       lambda **_: None, None)
         else:
             # copier and difference train the same LoRA A (same data, config and seed): train it once
             lora_a = args.out / "lora_a.safetensors"
-            options = {} if method == "paired" else {"reuse_a": lora_a} if lora_a.is_file() else {"keep_a": lora_a}
-            extra["copy_similarity"] = run_method(method, pair_set, config, adapter, out, **options).copy_similarity
+            if slider_method != "paired":
+                options = {**options, **({"reuse_a": lora_a} if lora_a.is_file() else {"keep_a": lora_a})}
+            result = run_method(slider_method, pair_set, config, adapter, out, masked=args.masked, **options)
+            extra["copy_similarity"] = result.copy_similarity
         trained_s = time.time() - started
         metrics = slider_report(adapter, out, settings, pair_set, method)
         runs[method] = judged_runs(metrics, perfect)
@@ -262,7 +280,7 @@ def main() -> None:
     results["perfect slider"] = goals(perfect)
     runs["perfect slider"] = perfect
     report = {
-        "settings": {**vars(args), "out": str(args.out), "prompts": PROMPTS},
+        "settings": {**vars(args), "out": str(args.out), "prompts": prompts},
         "methods": results,
         "runs": runs,
     }

@@ -48,9 +48,10 @@ def test_a_perfect_slider_drifts_only_where_the_grown_shape_meets_the_border(ben
 
 
 def test_centroid_drift_beyond_the_perfect_sliders_is_judged_per_base_image(bench):
-    perfect = [{"prompt": "p", "seed": 0, "rho": 1.0, "hue_drift_deg": 0.0, "centroid_drift_px": 7.0,
+    perfect = [{"prompt": "a blue square", "seed": 0, "rho": 1.0, "hue_drift_deg": 0.0, "centroid_drift_px": 7.0,
                 "background_change": 0.0}]
-    method = {"runs": [{**perfect[0], "centroid_drift_px": 8.5}, {**perfect[0], "prompt": ""}]}
+    # the second run is the training prompt's, which is not judged
+    method = {"runs": [{**perfect[0], "centroid_drift_px": 8.5}, {**perfect[0], "prompt": "a red circle"}]}
     (run,) = bench.judged_runs(method, bench.judged_runs({"runs": perfect}))
     assert not run["centroid_ok"] and run["centroid_beyond_perfect_px"] == pytest.approx(1.5)
     assert run["centroid_beyond_perfect_ok"]

@@ -25,7 +25,7 @@ def test_dry_run_shows_the_recipe_with_toml_and_flags_laid_over_it(pairs, tmp_pa
     assert code == 0
     plan = json.loads(capsys.readouterr().out)
     config = plan["config"]
-    assert plan["pairs"] == ["circle.png"] and plan["method"] == "copier"
+    assert plan["pairs"] == ["circle_black.png", "circle_gray.png", "circle_white.png"] and plan["method"] == "copier"
     assert config["max_train_steps"] == 321 and config["network_dim"] == 16 and config["learning_rate"] == 5e-4
     assert config["lr_scheduler"] == SLIDER_DEFAULTS["lr_scheduler"] and config["noise_offset"] == 0.1
     assert config["network_train_unet_only"] is True and config["resolution"] == [64, 64]

@@ -116,3 +116,15 @@ def test_written_dataset_has_one_concept_folder_no_captions_and_the_mask_as_alph
     assert alpha.max() == 1.0 and alpha.min() == pytest.approx(MASK_FLOOR, abs=1 / 255)
     plain = write_dataset(pair_set, "a", tmp_path / "plain")
     assert np.array_equal(np.asarray(Image.open(plain / "1_a" / "one.png")), a)
+
+
+def test_the_toy_task_on_several_backgrounds_is_one_pair_per_background_with_the_same_circle(tmp_path):
+    from lorakit_ext.slider.demo import toy_pair_set
+
+    pair_set = toy_pair_set(tmp_path / "pairs", ("white", "gray", "black"))
+    assert sorted(p.name for p in (tmp_path / "pairs" / "B").iterdir()) == [
+        "circle_black.png", "circle_gray.png", "circle_white.png"]
+    changed = [np.any(pair.a != pair.b, axis=-1) for pair in pair_set.pairs]
+    assert len(changed) == 3 and all(np.array_equal(ring, changed[0]) for ring in changed)  # the same ring grows
+    assert 0.1 < changed[0].mean() < 0.3
+    assert {tuple(pair.a[0, 0]) for pair in pair_set.pairs} == {(20, 20, 20), (128, 128, 128), (245, 245, 245)}

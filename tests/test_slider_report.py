@@ -100,7 +100,7 @@ def _with_corner_patch(image: np.ndarray, side: int) -> np.ndarray:
 def test_off_toy_no_effect_is_judged_along_a_to_b_not_by_foreground_area(tmp_path):
     from lorakit_ext.slider.demo import GROWTH, TOY_A, toy_pair_set
 
-    pair_set = toy_pair_set(tmp_path / "pairs")
+    pair_set = toy_pair_set(tmp_path / "pairs", (TOY_A.background,))
     a_image, b_image = pair_set.pairs[0].a, pair_set.pairs[0].b
     # a sweep that grows a patch the pairs never show: much foreground change, nothing along A -> B
     elsewhere = np.stack([_with_corner_patch(a_image, side) for side in (0, 4, 8, 12, 16)])

@@ -1,4 +1,5 @@
-"""``python -m lorakit_ext difference --a DIR --b DIR --out FILE [--rank R] [--shuffle]``: B x 1 + A x (-1)."""
+"""``python -m lorakit_ext difference --a DIR --b DIR --out FILE [--rank R] [--shuffle] [--b-from-a]``: B x 1 +
+A x (-1)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     difference.add_argument("--shuffle", action="store_true", help="permute the rank axis (same delta)")
     difference.add_argument("--reuse-a", type=Path, help="use this LoRA A instead of training one")
     difference.add_argument("--keep-a", type=Path, help="save the trained LoRA A here, to reuse it")
+    difference.add_argument("--b-from-a", action="store_true",
+                            help="start LoRA B's training from LoRA A's weights instead of zero")
 
 
 def run(args: argparse.Namespace) -> int:
     return run_verb(
-        "difference", args, rank=args.rank, shuffle=args.shuffle, reuse_a=args.reuse_a, keep_a=args.keep_a
+        "difference", args, rank=args.rank, shuffle=args.shuffle, reuse_a=args.reuse_a, keep_a=args.keep_a,
+        b_from_a=args.b_from_a,
     )

@@ -40,6 +40,9 @@ SLIDER_DEFAULTS: dict[str, object] = {
 }
 METHODS = ("copier", "difference", "paired")
 COPY_SIMILARITY_MIN = 0.85  # below this mean pixel similarity LoRA A is said not to copy the A images
+# ... and unless it leaves at most this fraction of the base model's distance to them: a caption that names the
+# pairs' content makes the base model itself draw something like A (the toy model's "a red circle": 0.90)
+COPY_DISTANCE_LEFT_MAX = 0.5
 METADATA_METHOD = "lorakit_slider_method"
 METADATA_SOURCES = "lorakit_slider_sources"
 
@@ -56,6 +59,7 @@ class SliderResult:
     saved: list[Path] = field(default_factory=list)
     kept_a: Path | None = None
     copy_similarity: float | None = None
+    base_similarity: float | None = None  # the base model's, for scale
     metrics: dict | None = None
     warnings: list[str] = field(default_factory=list)
     stopped: bool = False
@@ -67,6 +71,7 @@ class SliderResult:
             "output": str(self.output) if self.output else None,
             "kept_a": str(self.kept_a) if self.kept_a else None,
             "copy_similarity": self.copy_similarity,
+            "base_similarity": self.base_similarity,
             "stopped": self.stopped,
             "report": (self.metrics or {}).get("summary"),
             "warnings": self.warnings,
@@ -119,20 +124,22 @@ def _check_output(out: Path) -> None:
 
 
 def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], config) -> float:
-    """How well LoRA A alone reproduces the A images from the training caption: the mean over seeds of
-    1 - mean |generated - nearest A image| / 255 (1: pixel-identical)."""
+    """How well LoRA A alone (``weights``; None: the base model) reproduces the A images from the training caption:
+    the mean over seeds of 1 - mean |generated - nearest A image| / 255 (1: pixel-identical)."""
     from lorakit_ext.networks.network import network_from_weights
     from lorakit_ext.sampling import sample, to_uint8
 
     width, height = config.resolution
-    network = network_from_weights(weights, adapter.targets(), adapter.arch)
-    network.to(adapter.device).eval().attach()
+    network = None if weights is None else network_from_weights(weights, adapter.targets(), adapter.arch)
+    if network is not None:
+        network.to(adapter.device).eval().attach()
     try:
         images = to_uint8(
             sample(adapter, [config.default_caption] * len(seeds), seeds, cfg_scale=1.0, width=width, height=height)
         ).astype(np.float32)
     finally:
-        network.detach()
+        if network is not None:
+            network.detach()
     targets = [np.asarray(resized(p.a, width, height), dtype=np.float32) for p in pair_set.pairs]
     return float(np.mean([1 - min(np.abs(image - t).mean() for t in targets) / 255.0 for image in images]))
 
@@ -156,10 +163,20 @@ def _new_network(config, adapter):
         return create_network(adapter.targets(), network_spec(config))
 
 
-def _overfit(config, adapter, pair_set: PairSet, side: str, out: Path, work: Path, report, token, masked: bool):
+def _overfit(
+    config, adapter, pair_set: PairSet, side: str, out: Path, work: Path, report, token, masked: bool, start=None
+):
+    """Overfit a LoRA on one side's images, from zero or, with ``start`` (network weights), from that network."""
+    from lorakit_ext.networks.network import network_from_weights
+    from lorakit_ext.train.trainer import TrainHooks
+
     data = write_dataset(pair_set, side, work / f"data_{side}", masked=masked)
     run = config.with_overrides({"masked_loss": masked, "save_precision": "float"}, source="slider")
-    return train_pass(run, adapter, data, out, _phase(report, f"LoRA {side.upper()}"), token)
+    hooks = None
+    if start is not None:
+        hooks = TrainHooks(network=network_from_weights(start, adapter.targets(), adapter.arch).requires_grad_(True))
+    name = f"LoRA {side.upper()}" + (" from A" if start is not None else "")
+    return train_pass(run, adapter, data, out, _phase(report, name), token, hooks)
 
 
 def _lora_a(config, adapter, pair_set, work: Path, reuse_a, keep_a, report, token, masked: bool) -> Path | None:
@@ -203,11 +220,15 @@ def copier(
         weights_a = load_network(a_path)
         seeds = list(range(config.seed, config.seed + verify_seeds))
         result.copy_similarity = copy_similarity(adapter, weights_a, pair_set, seeds, config)
-        report(message=f"LoRA A copies the A images with similarity {result.copy_similarity:.3f}")
-        if result.copy_similarity < COPY_SIMILARITY_MIN:
+        result.base_similarity = copy_similarity(adapter, None, pair_set, seeds, config)
+        similarity, base = result.copy_similarity, result.base_similarity
+        report(message=f"LoRA A copies the A images with similarity {similarity:.3f} (the base model: {base:.3f})")
+        if similarity < COPY_SIMILARITY_MIN or 1 - similarity > COPY_DISTANCE_LEFT_MAX * (1 - base):
+            needed = max(COPY_SIMILARITY_MIN, 1 - COPY_DISTANCE_LEFT_MAX * (1 - base))
             result.warnings.append(
-                f"LoRA A does not copy the A images (similarity {result.copy_similarity:.3f} < {COPY_SIMILARITY_MIN}):"
-                " train it longer or at a higher learning rate, or the slider will carry A's content"
+                f"LoRA A does not copy the A images (similarity {similarity:.3f}, needed {needed:.3f}: at least"
+                f" {COPY_SIMILARITY_MIN} and {COPY_DISTANCE_LEFT_MAX:g} of the base model's distance to them left at"
+                " most): train it longer or at a higher learning rate, or the slider will carry A's content"
             )
             report(message="warning: " + result.warnings[-1])
         data_b = write_dataset(pair_set, "b", work / "data_b", masked=masked)
@@ -275,11 +296,14 @@ def difference(
     shuffle: bool = False,
     reuse_a: str | Path | None = None,
     keep_a: str | Path | None = None,
+    b_from_a: bool = False,
     masked: bool = False,
     report: Reporter | None = None,
     token=None,
 ) -> SliderResult:
-    """The difference method (module docstring): B x 1 + A x (-1), exact, or re-compressed to ``rank``."""
+    """The difference method (module docstring): B x 1 + A x (-1), exact, or re-compressed to ``rank``.
+    ``b_from_a`` starts B's training from A's weights instead of zero: B then differs from A only by what turns A's
+    images into B's, and less of the two passes' separate noise is left in B - A."""
     from lorakit_ext.formats.kohya import load_network, save_network
     from lorakit_ext.train.job import StopToken
     from lorakit_ext.train.trainer import SAVE_DTYPES
@@ -296,12 +320,17 @@ def difference(
             return dataclasses.replace(result, stopped=True)
         result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
         b_path = work / "lora_b.safetensors"
-        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked).stopped:
+        start = load_network(a_path) if b_from_a else None
+        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start).stopped:
             return dataclasses.replace(result, stopped=True)
         networks = [load_network(b_path), load_network(a_path)]
     merged = difference_weights(networks[0], networks[1], rank=rank, shuffle=shuffle, seed=config.seed, report=report)
     dtype = SAVE_DTYPES[config.save_precision]
-    extra = {"ss_output_name": out.stem, "lorakit_slider_shuffled": str(shuffle)}
+    extra = {
+        "ss_output_name": out.stem,
+        "lorakit_slider_shuffled": str(shuffle),
+        "lorakit_slider_b_from_a": str(b_from_a),
+    }
     metadata = slider_metadata("difference", pair_set, extra)
     save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
     report(message="difference saved", files=[str(out)])
