@@ -29,6 +29,11 @@ def test_dry_run_shows_the_recipe_with_toml_and_flags_laid_over_it(pairs, tmp_pa
     assert config["max_train_steps"] == 321 and config["network_dim"] == 16 and config["learning_rate"] == 5e-4
     assert config["lr_scheduler"] == SLIDER_DEFAULTS["lr_scheduler"] and config["noise_offset"] == 0.1
     assert config["network_train_unet_only"] is True and config["resolution"] == [64, 64]
+    assert plan["report"]["prompts"][0] == ""  # the recipe's empty caption: the trained prompt leads the report
+
+    code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(tmp_path / "s.safetensors"),
+                 "--default_caption", "a red circle", "--dry-run"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["report"]["prompts"][0] == "a red circle"
 
 
 def test_toml_options_at_the_engines_defaults_still_win_over_the_recipe(pairs, tmp_path, capsys):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from lorakit_ext.slider.pairs import DEFAULT_SUFFIX
-from lorakit_ext.slider.report import DEFAULT_PROMPTS, DEFAULT_SEEDS, DEFAULT_WEIGHTS
+from lorakit_ext.slider.report import DEFAULT_SEEDS, DEFAULT_WEIGHTS, UNRELATED_PROMPTS
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--report-weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS), metavar="W")
     report.add_argument("--report-seeds", type=int, default=len(DEFAULT_SEEDS), metavar="N", help="seeds 0..N-1")
     report.add_argument("--report-prompt", action="append", dest="report_prompts", metavar="TEXT",
-                        help=f"a prompt row (repeatable; default: {', '.join(repr(p) for p in DEFAULT_PROMPTS)})")
+                        help="a prompt row (repeatable; default: the pairs' caption, then "
+                             f"{', '.join(repr(p) for p in UNRELATED_PROMPTS)})")
     report.add_argument("--report-steps", type=int, default=20)
     report.add_argument("--report-cfg-scale", type=float, default=5.0)
     report.add_argument("--no-report", action="store_true", help="skip the report")
@@ -52,7 +54,7 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
         width, height = config.resolution
         settings = SweepSettings(
             weights=tuple(args.report_weights),
-            prompts=tuple(args.report_prompts or DEFAULT_PROMPTS),
+            prompts=tuple(args.report_prompts or (config.default_caption, *UNRELATED_PROMPTS)),
             seeds=tuple(range(args.report_seeds)),
             steps=args.report_steps,
             cfg_scale=args.report_cfg_scale,
@@ -62,7 +64,8 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
         )
     if args.dry_run:
         plan = {"method": method, "pairs": [p.name for p in pair_set.pairs], "unmatched": pair_set.unmatched,
-                "config": config.to_dict(), "options": {k: str(v) for k, v in options.items()}}
+                "config": config.to_dict(), "options": {k: str(v) for k, v in options.items()},
+                "report": dataclasses.asdict(settings) if settings else None}
         print(json.dumps(plan, indent=2))
         return 0
     adapter = load_adapter(config.pretrained_model_name_or_path)

@@ -23,8 +23,9 @@ import numpy as np
 from lorakit_ext.errors import LorakitError
 
 DEFAULT_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-# the empty prompt (what the pairs were trained with) plus unrelated toy-world prompts
-DEFAULT_PROMPTS = ("", "a blue square", "a green triangle on a black background")
+# the pairs' caption (empty in the recipe: what the pairs were trained with) plus unrelated toy-world prompts
+UNRELATED_PROMPTS = ("a blue square", "a green triangle on a black background")
+DEFAULT_PROMPTS = ("", *UNRELATED_PROMPTS)
 DEFAULT_SEEDS = (0, 1, 2)
 MONOTONIC_RHO = 0.9  # a run counts as monotonic at or above this Spearman rho
 NO_EFFECT_AREA = 0.002  # foreground-area change (fraction of the image) below which a weight did nothing visible
