@@ -204,6 +204,52 @@ def test_difference_can_start_b_from_a(adapter, tmp_path, monkeypatch):
         assert relative < 0.01 if b_from_a else relative > 0.99, (b_from_a, relative)
 
 
+def test_copier_ensemble_is_the_exact_average_of_b_runs_with_successive_seeds(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.merge import algebra
+    from lorakit_ext.train.job import StopToken
+
+    averaged = []
+    merge_networks = algebra.merge_networks
+
+    def recording(networks, ratios, **options):
+        averaged.append((networks, ratios))
+        return merge_networks(networks, ratios, **options)
+
+    monkeypatch.setattr(algebra, "merge_networks", recording)
+    pair_set = toy_pair_set(tmp_path / "pairs", ("white",))
+    config = toy_config(pair_set, max_train_steps=2)
+    a_file = _zero_lora(adapter, config, tmp_path / "a.safetensors")
+    messages = []
+    result = copier(pair_set, config, adapter, tmp_path / "ensemble.safetensors", reuse_a=a_file, verify_seeds=1,
+                    ensemble=3, report=lambda message="", **_: messages.append(message))
+    assert result.saved == [result.output] and not result.stopped
+    assert [m.split(":")[0] for m in messages if m.endswith(": finished")] == [
+        f"LoRA B {k}/3 on A" for k in (1, 2, 3)]
+    (members, ratios), = averaged
+    assert ratios == [1 / 3] * 3
+    saved = load_network(result.output)
+    assert saved.metadata["lorakit_slider_ensemble"] == "3" and saved.metadata[METADATA_METHOD] == "copier"
+    name = next(iter(saved.modules))
+    deltas = [member.modules[name].delta() for member in members]
+    assert not torch.equal(deltas[0], deltas[1])  # the runs' seeds differ
+    torch.testing.assert_close(saved.modules[name].delta(), sum(deltas) / 3, rtol=1e-5, atol=1e-7)
+    assert saved.modules[name].rank == 3 * config.network_dim
+
+    # stopped as the second run starts: the first, which finished, is saved as it is
+    token = StopToken()
+
+    def stop_in_the_second(message="", **_):
+        if message == "LoRA B 1/3 on A: finished":
+            token.stop()
+
+    stopped = copier(pair_set, config, adapter, tmp_path / "stopped.safetensors", reuse_a=a_file, verify_seeds=1,
+                     ensemble=3, report=stop_in_the_second, token=token)
+    assert stopped.stopped and stopped.output == tmp_path / "stopped.safetensors"
+    assert load_network(stopped.output).metadata["lorakit_slider_ensemble"] == "1"
+    torch.testing.assert_close(load_network(stopped.output).modules[name].delta(), deltas[0], rtol=1e-5, atol=1e-7)
+
+
 def test_run_method_reports_every_saved_epoch_and_the_final_file(adapter, tmp_path):
     from lorakit_ext.slider.methods import run_method
     from lorakit_ext.slider.report import report_paths

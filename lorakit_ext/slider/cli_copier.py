@@ -14,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     copier.add_argument("--reuse-a", type=Path, help="use this LoRA A instead of training one")
     copier.add_argument("--keep-a", type=Path, help="save the trained LoRA A here, to reuse it")
     copier.add_argument("--verify-seeds", type=int, default=4, help="seeds for checking that A copies the A images")
+    copier.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="train B K times over A (seeds seed..seed+K-1) and save their exact average")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_verb("copier", args, reuse_a=args.reuse_a, keep_a=args.keep_a, verify_seeds=args.verify_seeds)
+    return run_verb("copier", args, reuse_a=args.reuse_a, keep_a=args.keep_a, verify_seeds=args.verify_seeds,
+                    ensemble=args.ensemble)

@@ -45,6 +45,7 @@ COPY_SIMILARITY_MIN = 0.85  # below this mean pixel similarity LoRA A is said no
 COPY_DISTANCE_LEFT_MAX = 0.5
 METADATA_METHOD = "lorakit_slider_method"
 METADATA_SOURCES = "lorakit_slider_sources"
+METADATA_ENSEMBLE = "lorakit_slider_ensemble"
 
 Reporter = Callable[..., None]
 
@@ -199,17 +200,23 @@ def copier(
     keep_a: str | Path | None = None,
     masked: bool = False,
     verify_seeds: int = 4,
+    ensemble: int = 1,
     report: Reporter | None = None,
     token=None,
 ) -> SliderResult:
     """The copier method (module docstring). ``reuse_a`` skips training A; ``keep_a`` saves the trained A there.
-    ``masked`` weights B's loss by the pairs' difference mask."""
-    from lorakit_ext.formats.kohya import load_network
+    ``masked`` weights B's loss by the pairs' difference mask. ``ensemble`` > 1 trains B that many times over A, with
+    seeds ``seed``, ``seed + 1``, ..., and saves their exact average (rank ``ensemble`` x dim): what every run learns
+    stays whole, what one seed's run picked up alone is divided by ``ensemble``."""
+    from lorakit_ext.formats.kohya import load_network, save_network
+    from lorakit_ext.merge.algebra import merge_networks
     from lorakit_ext.train.job import StopToken
-    from lorakit_ext.train.trainer import TrainHooks
+    from lorakit_ext.train.trainer import SAVE_DTYPES, TrainHooks
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
     _check_output(out)
+    if ensemble < 1:
+        raise LorakitError(f"--ensemble must be at least 1, got {ensemble}")
     result = SliderResult("copier", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
         work = Path(temp)
@@ -232,15 +239,36 @@ def copier(
             )
             report(message="warning: " + result.warnings[-1])
         data_b = write_dataset(pair_set, "b", work / "data_b", masked=masked)
-        network_b = _new_network(config, adapter)
-        hooks = TrainHooks(network=network_b, metadata=slider_metadata("copier", pair_set, _a_note(a_path, weights_a)))
+        metadata = slider_metadata("copier", pair_set, _a_note(a_path, weights_a))
+        members = []
         branch_a = _frozen_branch(weights_a, adapter)
         try:
-            run = config.with_overrides({"masked_loss": masked}, source="slider")
-            trained = train_pass(run, adapter, data_b, out, _phase(report, "LoRA B on A"), token, hooks)
+            for member in range(ensemble):
+                run = config.with_overrides({"masked_loss": masked, "seed": config.seed + member}, source="slider")
+                target = out if ensemble == 1 else work / f"lora_b_{member + 1}.safetensors"
+                name = "LoRA B on A" if ensemble == 1 else f"LoRA B {member + 1}/{ensemble} on A"
+                hooks = TrainHooks(network=_new_network(run, adapter), metadata=metadata)
+                members.append(train_pass(run, adapter, data_b, target, _phase(report, name), token, hooks))
+                if members[-1].stopped:
+                    break
         finally:
             branch_a.detach()
-    result.output, result.saved, result.stopped = trained.output, list(trained.files), trained.stopped
+        result.stopped = members[-1].stopped
+        if ensemble == 1:
+            result.output, result.saved = members[0].output, list(members[0].files)
+            return result
+        finished = [member for member in members if not member.stopped]
+        if not finished:  # stopped during the first run: nothing to average
+            return result
+        # stopped later: the runs that finished are averaged, so a stop loses none of them
+        sources = [f"lora_b_{number}" for number in range(1, len(finished) + 1)]
+        weights = [load_network(member.output) for member in finished]
+        averaged = merge_networks(weights, [1.0 / len(finished)] * len(finished), sources=sources)
+    metadata[METADATA_ENSEMBLE] = str(len(finished))
+    save_network(out, averaged, dtype=SAVE_DTYPES[config.save_precision],
+                 metadata={**metadata, "ss_output_name": out.stem}, arch=adapter.arch)
+    report(message=f"average of {len(finished)} B runs saved", files=[str(out)])
+    result.output, result.saved = out, [out]
     return result
 
 
