@@ -18,7 +18,7 @@ draws (large shapes near the border must move to grow). Each method's centroid d
 perfect slider's on the same base image (``meets_goal_beyond_border``): the drift the border does not force.
 
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_bench [--seeds 16] [--steps 80]
-        [--methods copier ...] [--backgrounds white gray black] [--masked] [--set OPTION=VALUE ...]
+        [--methods copier ...] [--backgrounds white gray black] [--masked] [--ensemble K] [--set OPTION=VALUE ...]
     OMP_NUM_THREADS=1 python benchmarks/slider_toy.py --out /tmp/slider_quick --quick   # starts, ~2 min
 """
 
@@ -228,6 +228,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", type=training_override,
                         help="a training option over the demo's (repeatable), e.g. --set min_timestep=200")
     parser.add_argument("--masked", action="store_true", help="weight the loss by the pairs' difference mask")
+    parser.add_argument("--ensemble", type=int, default=3, metavar="K",
+                        help="the copier's --ensemble (default 3; 1: the demo's single run of B)")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
     args = parser.parse_args()
     if args.quick:
@@ -263,6 +265,8 @@ def main() -> None:
             lora_a = args.out / "lora_a.safetensors"
             if slider_method != "paired":
                 options = {**options, **({"reuse_a": lora_a} if lora_a.is_file() else {"keep_a": lora_a})}
+            if slider_method == "copier":
+                options["ensemble"] = args.ensemble
             result = run_method(slider_method, pair_set, config, adapter, out, masked=args.masked, **options)
             extra["copy_similarity"] = result.copy_similarity
         trained_s = time.time() - started

@@ -24,7 +24,7 @@ SUMMARY_KEYS = {
 
 def test_demo_writes_the_copier_lora_its_grid_and_its_metrics(tmp_path, capsys):
     torch.set_num_threads(1)
-    quick = ["--steps", "3", "--seeds", "1", "--sample-steps", "2", "--verify-seeds", "1"]
+    quick = ["--steps", "3", "--seeds", "1", "--sample-steps", "2", "--verify-seeds", "1", "--ensemble", "2"]
     assert main(["demo", "--out", str(tmp_path), *quick]) == 0
     out = capsys.readouterr().out
     lora = tmp_path / "copier_slider.safetensors"
@@ -34,6 +34,7 @@ def test_demo_writes_the_copier_lora_its_grid_and_its_metrics(tmp_path, capsys):
 
     weights = load_network(lora)
     assert weights.metadata[METADATA_METHOD] == "copier" and len(weights.modules) > 0
+    assert weights.metadata["lorakit_slider_ensemble"] == "2"  # the average of two runs of B
     assert all(torch.isfinite(t).all() for m in weights.modules.values() for t in m.tensors.values())
     assert any(float(m.delta().abs().max()) > 0 for m in weights.modules.values())  # B trained away from zero
 
@@ -55,5 +56,5 @@ def test_demo_writes_the_copier_lora_its_grid_and_its_metrics(tmp_path, capsys):
 def test_demo_refuses_a_zero_setting(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: --steps, --seeds, --sample-steps and --verify-seeds must be at least 1"
+        "error: --steps, --seeds, --sample-steps, --verify-seeds and --ensemble must be at least 1"
     )

@@ -29,7 +29,7 @@ TOY_PROMPTS = (TOY_CAPTION, "a blue square", "a green triangle", "a yellow circl
 # that names the pair's content; timesteps from 600 only, where a toy image's layout and sizes are decided, so B
 # carries less of the pairs' own colors and edges. Everything else is the slider recipe.
 TOY_TRAINING: dict[str, object] = {
-    "max_train_steps": 600,
+    "max_train_steps": 450,
     "train_batch_size": 4,
     "learning_rate": 5e-3,
     "network_dim": 8,
@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt in the report")
     parser.add_argument("--sample-steps", type=int, default=12, help="sampler steps of the report images")
     parser.add_argument("--verify-seeds", type=int, default=4, help="seeds for checking that LoRA A copies A")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="average K runs of B (the copier's --ensemble: 3 is steadier; each run is one more pass)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit_ext.slider.report import SweepSettings, report_paths
     from lorakit_ext.toy.model import load_toy_model
 
-    if min(args.steps, args.seeds, args.sample_steps, args.verify_seeds) < 1:
-        raise LorakitError("--steps, --seeds, --sample-steps and --verify-seeds must be at least 1")
+    if min(args.steps, args.seeds, args.sample_steps, args.verify_seeds, args.ensemble) < 1:
+        raise LorakitError("--steps, --seeds, --sample-steps, --verify-seeds and --ensemble must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     pair_set = toy_pair_set(args.out / "pairs")
     config = toy_config(pair_set, max_train_steps=args.steps)
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.random.fork_rng():
         out = args.out / "copier_slider.safetensors"
         result = run_method(
-            "copier", pair_set, config, adapter, out, settings, report=show, verify_seeds=args.verify_seeds
+            "copier", pair_set, config, adapter, out, settings, report=show, verify_seeds=args.verify_seeds,
+            ensemble=args.ensemble,
         )
     grid_path, metrics_path = report_paths(out)
     summary = result.metrics.get("summary", {}) if result.metrics else {}
