@@ -234,8 +234,8 @@ def copier(
             needed = max(COPY_SIMILARITY_MIN, 1 - COPY_DISTANCE_LEFT_MAX * (1 - base))
             result.warnings.append(
                 f"LoRA A does not copy the A images (similarity {similarity:.3f}, needed {needed:.3f}: at least"
-                f" {COPY_SIMILARITY_MIN} and {COPY_DISTANCE_LEFT_MAX:g} of the base model's distance to them left at"
-                " most): train it longer or at a higher learning rate, or the slider will carry A's content"
+                f" {COPY_SIMILARITY_MIN}, and {1 - COPY_DISTANCE_LEFT_MAX:.0%} of the way from the base model's"
+                f" {base:.3f} to 1): train it longer or at a higher learning rate, or the slider will carry A's content"
             )
             report(message="warning: " + result.warnings[-1])
         data_b = write_dataset(pair_set, "b", work / "data_b", masked=masked)
