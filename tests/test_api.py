@@ -159,6 +159,24 @@ def test_train_and_slider_input_errors(client):
     assert response.status_code == 400 and "b: " in response.json()["error"]
 
 
+def test_slider_routes_take_the_methods_own_options(client):
+    from lorakit_ext.slider.demo import toy_pair_set
+
+    http, _, tmp_path = client
+    toy_pair_set(tmp_path / "pairs", ("white",))
+    pairs = {"a": str(tmp_path / "pairs" / "A"), "b": str(tmp_path / "pairs" / "B"), "report": False,
+             "max_train_steps": 2, "verify_seeds": 1}
+    response = http.post("/lorakit/v1/difference", json={**pairs, "ensemble": 2})
+    assert response.status_code == 400
+    assert response.json()["error"] == "ensemble: an option of the copier method, not of difference"
+    response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": "two"})
+    assert response.status_code == 400 and response.json()["error"] == "ensemble: expected int, got 'two'"
+    response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": 2.0, "output_name": "two_runs"})
+    snapshot = wait_done(http, response.json()["id"], timeout=300)
+    assert snapshot["status"] == "done", snapshot
+    assert load_network(snapshot["result"]["output"]).metadata["lorakit_slider_ensemble"] == "2"
+
+
 def test_merge_into_writes_a_new_checkpoint_beside_the_models(client):
     import safetensors.torch
 

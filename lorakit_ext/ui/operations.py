@@ -239,10 +239,43 @@ def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
 # --- sliders -------------------------------------------------------------------------------------------------------
 
 
+# each slider method's own options (beside the training options), with their types: the CLI verbs' flags
+METHOD_OPTIONS: dict[str, dict[str, type]] = {
+    "copier": {"ensemble": int, "verify_seeds": int},
+    "difference": {"b_from_a": bool, "rank": int, "shuffle": bool},
+    "paired": {"weight": float},
+}
+
+
+def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's own options taken out of ``options`` (what is left are training options), each checked for its
+    type; another method's option is refused by name."""
+    own = {}
+    for name, kind in METHOD_OPTIONS[method].items():
+        if name not in options:
+            continue
+        value = options.pop(name)
+        if value is None or value == "":
+            continue
+        if kind is bool:
+            fits = isinstance(value, bool)
+        else:  # a number: JSON and gradio give ints as floats too, but not booleans
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+            fits = fits and (kind is float or value == int(value))
+        if not fits:
+            raise LorakitError(f"{name}: expected {kind.__name__}, got {value!r}")
+        own[name] = kind(value)
+    for other, names in METHOD_OPTIONS.items():
+        for name in set(names) & set(options):
+            raise LorakitError(f"{name}: an option of the {other} method, not of {method}")
+    return own
+
+
 def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operation:
     """Copier / difference / paired slider from before/after pairs. ``values``: ``a`` and ``b`` (folders of A and
     B images matched by name), ``output_name``, optionally ``output_dir``, ``masked``, ``report`` (default true:
-    the weight x seed x prompt grid and its numbers), and any training option (kohya names) over the recipe."""
+    the weight x seed x prompt grid and its numbers), the method's own options (``METHOD_OPTIONS``, as the CLI
+    verbs have them) and any training option (kohya names) over the recipe."""
     if method not in SLIDER_METHODS:
         raise LorakitError(f"method: {method!r} is not one of {', '.join(SLIDER_METHODS)}")
     from lorakit_ext.slider.methods import run_method, slider_config
@@ -254,6 +287,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     b_dir = paths.existing_dir(str(options.pop("b", "")), "b")
     masked = bool(options.pop("masked", False))
     with_report = bool(options.pop("report", True))
+    own = method_options(method, options)
     out = paths.output_path(host.lora_root(), str(options.pop("output_name", "slider")),
                             str(options.pop("output_dir", "") or host.output_dir()))
     if options.get("pretrained_model_name_or_path"):
@@ -267,7 +301,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     def run(adapter, report, token) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         result = run_method(method, pair_set, config, adapter, out, settings, masked=masked or config.masked_loss,
-                            report=report, token=token)
+                            report=report, token=token, **own)
         grid, numbers = report_paths(out)
         return {
             **result.summary(),

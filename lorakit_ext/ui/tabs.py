@@ -358,6 +358,11 @@ class LorakitTabs:
                                  elem_id="lorakit_slider_masked")
             with_report = gr.Checkbox(label="slider report (weight x seed x prompt grid and numbers)", value=True,
                                       elem_id="lorakit_slider_report")
+        with gr.Row():
+            ensemble = gr.Number(value=1, precision=0, minimum=1, label="copier: ensemble (average K runs of B)",
+                                 elem_id="lorakit_slider_ensemble")
+            b_from_a = gr.Checkbox(label="difference: start B from A's weights", value=False,
+                                   elem_id="lorakit_slider_b_from_a")
         with gr.Accordion("Training options of both passes (kohya names, TOML lines; the slider recipe fills the "
                           "rest)", open=False):
             options = gr.Code(value='max_train_steps = 300\nlearning_rate = 1e-3\nnetwork_dim = 4\n',
@@ -376,15 +381,17 @@ class LorakitTabs:
             return [(image, f"{pair.name} {label}") for pair in found.pairs
                     for image, label in ((pair.a, "A"), (pair.b, "B"), (difference_image(pair), "|B-A|"))]
 
-        def on_start(task, kind, a, b, name, mask, report, option_text):
+        def on_start(task, kind, a, b, name, mask, report, runs, from_a, option_text):
             def build():
                 values = {**toml_options(option_text), "a": a, "b": b, "output_name": name, "masked": mask,
                           "report": report}
+                values.update({"copier": {"ensemble": runs}, "difference": {"b_from_a": from_a}}.get(kind, {}))
                 return operations.slider_operation(kind, values, self.host)
             yield from self.start(task, build)
 
         preview.click(on_preview, inputs=[folder_a, folder_b], outputs=[pairs])
-        start.click(on_start, inputs=[task_id, method, folder_a, folder_b, output_name, masked, with_report, options],
+        start.click(on_start, inputs=[task_id, method, folder_a, folder_b, output_name, masked, with_report, ensemble,
+                                      b_from_a, options],
                     outputs=outputs, _js="lorakit_start_slider" if self.host.native_progress else None)
 
     # --- Merge ----------------------------------------------------------------------------------------------------
