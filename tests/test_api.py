@@ -165,13 +165,14 @@ def test_slider_routes_take_the_methods_own_options(client):
     http, _, tmp_path = client
     toy_pair_set(tmp_path / "pairs", ("white",))
     pairs = {"a": str(tmp_path / "pairs" / "A"), "b": str(tmp_path / "pairs" / "B"), "report": False,
-             "max_train_steps": 2, "verify_seeds": 1}
-    response = http.post("/lorakit/v1/difference", json={**pairs, "ensemble": 2})
+             "max_train_steps": 2}
+    response = http.post("/lorakit/v1/difference", json={**pairs, "ensemble": 2, "verify_seeds": 1})
     assert response.status_code == 400
     assert response.json()["error"] == "ensemble: an option of the copier method, not of difference"
     response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": "two"})
     assert response.status_code == 400 and response.json()["error"] == "ensemble: expected int, got 'two'"
-    response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": 2.0, "output_name": "two_runs"})
+    response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": 2.0, "verify_seeds": 1,
+                                                      "output_name": "two_runs"})
     snapshot = wait_done(http, response.json()["id"], timeout=300)
     assert snapshot["status"] == "done", snapshot
     assert load_network(snapshot["result"]["output"]).metadata["lorakit_slider_ensemble"] == "2"

@@ -265,9 +265,10 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         if not fits:
             raise LorakitError(f"{name}: expected {kind.__name__}, got {value!r}")
         own[name] = kind(value)
-    for other, names in METHOD_OPTIONS.items():
-        for name in set(names) & set(options):
-            raise LorakitError(f"{name}: an option of the {other} method, not of {method}")
+    for name in options:  # in the request's order: the first one is named
+        owners = [other for other, names in METHOD_OPTIONS.items() if name in names]
+        if owners:
+            raise LorakitError(f"{name}: an option of the {' and '.join(owners)} method, not of {method}")
     return own
 
 
