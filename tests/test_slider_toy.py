@@ -140,8 +140,8 @@ def test_copier_reuses_a_given_a_and_warns_when_it_does_not_copy(adapter, tmp_pa
     assert any(m.startswith("warning: LoRA A does not copy") for m in messages)
 
 
-def test_difference_file_is_exactly_b_minus_a_at_rank_ra_plus_rb(adapter, tmp_path, monkeypatch):
-    from lorakit_ext.formats.kohya import load_network
+def _record_difference_inputs(monkeypatch) -> dict:
+    """A dict that receives the B and A networks the difference method merges ("b", "a")."""
     from lorakit_ext.slider import methods
 
     recorded = {}
@@ -152,6 +152,14 @@ def test_difference_file_is_exactly_b_minus_a_at_rank_ra_plus_rb(adapter, tmp_pa
         return difference_weights(weights_b, weights_a, **options)
 
     monkeypatch.setattr(methods, "difference_weights", recording)
+    return recorded
+
+
+def test_difference_file_is_exactly_b_minus_a_at_rank_ra_plus_rb(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.slider import methods
+
+    recorded = _record_difference_inputs(monkeypatch)
     pair_set = toy_pair_set(tmp_path / "pairs")
     config = toy_config(pair_set, max_train_steps=3)
     out, kept_a = tmp_path / "difference.safetensors", tmp_path / "a.safetensors"
@@ -175,14 +183,7 @@ def test_difference_can_start_b_from_a(adapter, tmp_path, monkeypatch):
     from lorakit_ext.networks.weights import LORA_UP
     from lorakit_ext.slider import methods
 
-    recorded = {}
-    difference_weights = methods.difference_weights
-
-    def recording(weights_b, weights_a, **options):
-        recorded.update(b=weights_b, a=weights_a)
-        return difference_weights(weights_b, weights_a, **options)
-
-    monkeypatch.setattr(methods, "difference_weights", recording)
+    recorded = _record_difference_inputs(monkeypatch)
     pair_set = toy_pair_set(tmp_path / "pairs")
     config = toy_config(pair_set, max_train_steps=1, learning_rate=1e-5)
     network = methods._new_network(config, adapter)

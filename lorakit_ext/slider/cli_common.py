@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lorakit_ext.slider.pairs import DEFAULT_SUFFIX
-from lorakit_ext.slider.report import DEFAULT_SEEDS, DEFAULT_WEIGHTS, UNRELATED_PROMPTS
+from lorakit_ext.slider.report import DEFAULT_SEEDS, DEFAULT_WEIGHTS, UNRELATED_PROMPTS, default_prompts
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
         width, height = config.resolution
         settings = SweepSettings(
             weights=tuple(args.report_weights),
-            prompts=tuple(args.report_prompts or (config.default_caption, *UNRELATED_PROMPTS)),
+            prompts=tuple(args.report_prompts or default_prompts(config.default_caption)),
             seeds=tuple(range(args.report_seeds)),
             steps=args.report_steps,
             cfg_scale=args.report_cfg_scale,

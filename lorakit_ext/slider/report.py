@@ -23,9 +23,16 @@ import numpy as np
 from lorakit_ext.errors import LorakitError
 
 DEFAULT_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-# the pairs' caption (empty in the recipe: what the pairs were trained with) plus unrelated toy-world prompts
 UNRELATED_PROMPTS = ("a blue square", "a green triangle on a black background")
-DEFAULT_PROMPTS = ("", *UNRELATED_PROMPTS)
+
+
+def default_prompts(caption: str = "") -> tuple[str, ...]:
+    """The report's prompt rows: the pairs' caption (the prompt trained, where the effect along A -> B is measured;
+    empty in the recipe) first, then unrelated toy-world prompts."""
+    return (caption, *UNRELATED_PROMPTS)
+
+
+DEFAULT_PROMPTS = default_prompts()
 DEFAULT_SEEDS = (0, 1, 2)
 MONOTONIC_RHO = 0.9  # a run counts as monotonic at or above this Spearman rho
 NO_EFFECT_AREA = 0.002  # foreground-area change (fraction of the image) below which a weight did nothing visible
@@ -106,25 +113,31 @@ def hue_distance(first: float, second: float) -> float:
     return min(difference, 360.0 - difference)
 
 
-def background_of(image: np.ndarray, base_image: np.ndarray, base: PixelMeasure) -> np.ndarray:
+def background_of(image: np.ndarray, base_background: np.ndarray, base_shape: np.ndarray | None) -> np.ndarray:
     """The background color to measure ``image`` (one weight of a run) against: its own border color (which
-    follows a background the LoRA recolors), unless that color is the base image's shape color, as when the shape
-    has grown over most of the border: then the base image's background (a square filling the frame is area 1, not
-    0)."""
+    follows a background the LoRA recolors), unless that color is the base image's shape color (``base_shape``), as
+    when the shape has grown over most of the border: then the base image's background (a square filling the frame
+    is area 1, not 0)."""
     from lorakit_ext.toy.shapes import FOREGROUND_DISTANCE, border_color
 
     own = border_color(image)
-    if not base.foreground.any():
-        return own
-    base_shape = base_image[base.foreground].astype(np.float32).mean(axis=0)
-    return border_color(base_image) if np.linalg.norm(own - base_shape) <= FOREGROUND_DISTANCE else own
+    if base_shape is not None and np.linalg.norm(own - base_shape) <= FOREGROUND_DISTANCE:
+        return base_background
+    return own
 
 
 def run_metrics(images: np.ndarray, weights: Sequence[float]) -> dict:
     """Numbers for one prompt/seed run: ``images`` (W, H, W, 3) uint8, one per weight."""
+    from lorakit_ext.toy.shapes import border_color
+
     base_index = list(weights).index(0.0)
     base = measure_pixels(images[base_index])
-    measures = [measure_pixels(image, background_of(image, images[base_index], base)) for image in images]
+    base_background = border_color(images[base_index])
+    base_shape = images[base_index][base.foreground].astype(np.float32).mean(axis=0) if base.foreground.any() else None
+    measures = [
+        base if index == base_index else measure_pixels(image, background_of(image, base_background, base_shape))
+        for index, image in enumerate(images)
+    ]
     areas = [m.area for m in measures]
     hue_drift = [hue_distance(m.hue, base.hue) for m in measures if m.hue is not None and base.hue is not None]
     centroid_drift = [

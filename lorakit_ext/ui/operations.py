@@ -281,7 +281,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
         raise LorakitError(f"method: {method!r} is not one of {', '.join(SLIDER_METHODS)}")
     from lorakit_ext.slider.methods import run_method, slider_config
     from lorakit_ext.slider.pairs import load_pairs
-    from lorakit_ext.slider.report import UNRELATED_PROMPTS, SweepSettings, report_paths
+    from lorakit_ext.slider.report import SweepSettings, default_prompts, report_paths
 
     options = dict(values)
     a_dir = paths.existing_dir(str(options.pop("a", "")), "a")
@@ -296,7 +296,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     pair_set = load_pairs(a_dir, b_dir)
     config = slider_config(pair_set, options)
     width, height = config.resolution
-    prompts = (config.default_caption, *UNRELATED_PROMPTS)  # the trained prompt first: the effect along A -> B
+    prompts = default_prompts(config.default_caption)
     settings = SweepSettings(prompts=prompts, width=width, height=height) if with_report else None
 
     def run(adapter, report, token) -> dict:
