@@ -11,6 +11,9 @@ Goals for copier and difference, judged per prompt/seed run: rho >= 0.9, hue dri
 <= 2 px (a drift that cannot be measured, because the shape vanished or lost its colour, fails). A method meets the
 goal when at least 90% of its runs pass each of the three. Per run the JSON lists the numbers and the three
 judgments; per method the fraction of runs passing each, all three, and the median / 90th percentile of the drifts.
+How strong the effect is stands beside them: the median growth, the shape's area at the largest weight over its
+area at the smallest (the goals do not ask for strength, and a LoRA that barely changes the image meets the hue
+and centroid goals by doing little).
 
 Beside the methods it scores a perfect slider, measured the same way: each base image's shape scaled 1.6 ** weight
 in place, moved only as far as the image border forces it. That is the ceiling of each goal on what the base model
@@ -47,6 +50,7 @@ METHODS = {
     "copier": ("copier", {}),
     "difference": ("difference", {}),
     "difference-b-from-a": ("difference", {"b_from_a": True}),
+    "difference-anchored": ("difference", {"b_from_a": True, "anchor": 1e-3}),
     "paired": ("paired", {}),
     "naive": (None, {}),
 }
@@ -61,7 +65,7 @@ def judged_runs(metrics: dict, perfect: list[dict] | None = None) -> list[dict]:
     for run in metrics["runs"]:
         if run["prompt"] not in JUDGED_PROMPTS:
             continue
-        hue, centroid = run["hue_drift_deg"], run["centroid_drift_px"]
+        hue, centroid, areas = run["hue_drift_deg"], run["centroid_drift_px"], run["area"]
         judged.append({
             "prompt": run["prompt"],
             "seed": run["seed"],
@@ -69,6 +73,7 @@ def judged_runs(metrics: dict, perfect: list[dict] | None = None) -> list[dict]:
             "hue_drift_deg": hue,
             "centroid_drift_px": centroid,
             "background_change": run["background_change"],
+            "growth": areas[-1] / areas[0] if areas[0] > 0 else None,
             "rho_ok": bool(run["rho"] >= GOAL_RHO),
             "hue_ok": bool(hue is not None and hue <= GOAL_HUE_DEG),
             "centroid_ok": bool(centroid is not None and centroid <= GOAL_CENTROID_PX),
@@ -105,6 +110,7 @@ def goals(runs: list[dict]) -> dict:
         "centroid_drift_px_median": percentile("centroid_drift_px", 50),
         "centroid_drift_px_p90": percentile("centroid_drift_px", 90),
         "background_change_mean": float(np.mean(background)) if background else None,
+        "growth_median": percentile("growth", 50),
         "meets_goal": all(value >= GOAL_FRACTION for value in passing.values()),
     }
     if runs and "centroid_beyond_perfect_ok" in runs[0]:
@@ -172,7 +178,7 @@ def perfect_slider(adapter, settings) -> list[dict]:
     for prompt, seed, image in zip(prompts, seeds, images):
         sweep = perfect_slider_sweep(image, settings.weights)
         numbers = run_metrics(sweep, settings.weights) if sweep is not None else {
-            "rho": 0.0, "hue_drift_deg": None, "centroid_drift_px": None, "background_change": None}
+            "area": [0.0] * len(settings.weights), "rho": 0.0, "hue_drift_deg": None, "centroid_drift_px": None, "background_change": None}
         runs.append({"prompt": prompt, "seed": seed, **numbers})
     return judged_runs({"runs": runs})
 
@@ -192,8 +198,8 @@ def table(results: dict) -> str:
     """The methods side by side, as a markdown table."""
     lines = [
         "| method | runs | rho >= 0.9 | hue <= 10 deg | centroid <= 2 px | all three | centroid beyond perfect <= 2 px |"
-        " hue median / p90 | centroid median / p90 | background | meets goal | ... beyond the border |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " hue median / p90 | centroid median / p90 | background | growth | meets goal | ... beyond the border |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def number(value, unit=""):
@@ -210,7 +216,7 @@ def table(results: dict) -> str:
             f" {'n/a' if beyond is None else f'{beyond:.0%}'} |"
             f" {number(r['hue_drift_deg_median'])} / {number(r['hue_drift_deg_p90'], ' deg')} |"
             f" {number(r['centroid_drift_px_median'])} / {number(r['centroid_drift_px_p90'], ' px')} |"
-            f" {number(r['background_change_mean'])} | {verdict(r['meets_goal'])} |"
+            f" {number(r['background_change_mean'])} | {number(r['growth_median'], 'x')} | {verdict(r['meets_goal'])} |"
             f" {verdict(r.get('meets_goal_beyond_border'))} |"
         )
     return "\n".join(lines)

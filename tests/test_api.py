@@ -169,6 +169,8 @@ def test_slider_routes_take_the_methods_own_options(client):
     response = http.post("/lorakit/v1/difference", json={**pairs, "ensemble": 2, "verify_seeds": 1})
     assert response.status_code == 400
     assert response.json()["error"] == "ensemble: an option of the copier method, not of difference"
+    response = http.post("/lorakit/v1/difference", json={**pairs, "anchor": 1e-3})
+    assert response.status_code == 400 and "add --b-from-a" in response.json()["error"]
     response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": "two"})
     assert response.status_code == 400 and response.json()["error"] == "ensemble: expected int, got 'two'"
     response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": 2.0, "verify_seeds": 1,

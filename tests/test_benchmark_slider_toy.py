@@ -48,8 +48,8 @@ def test_a_perfect_slider_drifts_only_where_the_grown_shape_meets_the_border(ben
 
 
 def test_centroid_drift_beyond_the_perfect_sliders_is_judged_per_base_image(bench):
-    perfect = [{"prompt": "a blue square", "seed": 0, "rho": 1.0, "hue_drift_deg": 0.0, "centroid_drift_px": 7.0,
-                "background_change": 0.0}]
+    perfect = [{"prompt": "a blue square", "seed": 0, "area": [0.1, 0.2, 0.3, 0.4, 0.5], "rho": 1.0,
+                "hue_drift_deg": 0.0, "centroid_drift_px": 7.0, "background_change": 0.0}]
     # the second run is the training prompt's, which is not judged
     method = {"runs": [{**perfect[0], "centroid_drift_px": 8.5}, {**perfect[0], "prompt": "a red circle"}]}
     (run,) = bench.judged_runs(method, bench.judged_runs({"runs": perfect}))
@@ -57,3 +57,7 @@ def test_centroid_drift_beyond_the_perfect_sliders_is_judged_per_base_image(benc
     assert run["centroid_beyond_perfect_ok"]
     verdict = bench.goals([run])
     assert verdict["meets_goal_beyond_border"] and not verdict["meets_goal"]
+    # the effect's strength beside the goals: area at the largest weight over the smallest
+    assert run["growth"] == pytest.approx(5.0) and verdict["growth_median"] == pytest.approx(5.0)
+    (vanished,) = bench.judged_runs({"runs": [{**perfect[0], "area": [0.0, 0.1, 0.3, 0.4, 0.5]}]})
+    assert vanished["growth"] is None

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats.safetensors_io import read_metadata
 from lorakit_ext.slider.demo import toy_config, toy_pair_set
 from lorakit_ext.slider.methods import (
@@ -178,22 +179,30 @@ def test_difference_file_is_exactly_b_minus_a_at_rank_ra_plus_rb(adapter, tmp_pa
     assert differing >= 0.9 * len(saved.modules)
 
 
-def test_difference_can_start_b_from_a(adapter, tmp_path, monkeypatch):
+def _random_lora_a(config, adapter, path):
+    """A LoRA A with a delta in every module (a new network's up factors are zero), saved to ``path``."""
     from lorakit_ext.formats.kohya import load_network, save_network
+    from lorakit_ext.slider import methods
+
+    network = methods._new_network(config, adapter)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            if parameter.abs().sum() == 0:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    save_network(path, network.to_weights(torch.float32), dtype=torch.float32, arch=adapter.arch)
+    return load_network(path)
+
+
+def test_difference_can_start_b_from_a(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.formats.kohya import load_network
     from lorakit_ext.networks.weights import LORA_UP
     from lorakit_ext.slider import methods
 
     recorded = _record_difference_inputs(monkeypatch)
     pair_set = toy_pair_set(tmp_path / "pairs")
     config = toy_config(pair_set, max_train_steps=1, learning_rate=1e-5)
-    network = methods._new_network(config, adapter)
-    with torch.no_grad():
-        for parameter in network.parameters():
-            if parameter.abs().sum() == 0:  # the zero up factors: give A a delta to start B from
-                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
     a_file = tmp_path / "a.safetensors"
-    save_network(a_file, network.to_weights(torch.float32), dtype=torch.float32, arch=adapter.arch)
-    lora_a = load_network(a_file)
+    lora_a = _random_lora_a(config, adapter, a_file)
     for b_from_a in (False, True):
         out = tmp_path / f"difference_{b_from_a}.safetensors"
         methods.difference(pair_set, config, adapter, out, reuse_a=a_file, b_from_a=b_from_a)
@@ -203,6 +212,36 @@ def test_difference_can_start_b_from_a(adapter, tmp_path, monkeypatch):
         relative = float((b_delta - a_delta).norm() / a_delta.norm())
         # one step at lr 1e-5: B from A is still A; B from zero is still almost nothing
         assert relative < 0.01 if b_from_a else relative > 0.99, (b_from_a, relative)
+
+
+def test_difference_anchor_holds_b_near_a(adapter, tmp_path, monkeypatch):
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.slider import methods
+
+    recorded = _record_difference_inputs(monkeypatch)
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    config = toy_config(pair_set, max_train_steps=12)
+    a_file = tmp_path / "a.safetensors"
+    lora_a = _random_lora_a(config, adapter, a_file)
+
+    def moved(anchor):
+        """How far B's factors moved from A's (relative, over every module), trained from A with ``anchor``."""
+        out = tmp_path / f"difference_{anchor}.safetensors"
+        methods.difference(pair_set, config, adapter, out, reuse_a=a_file, b_from_a=True, anchor=anchor)
+        assert load_network(out).metadata["lorakit_slider_anchor"] == str(anchor)
+        pairs = [(recorded["b"].modules[name].tensors[key], tensor)
+                 for name, module in lora_a.modules.items() for key, tensor in module.tensors.items()]
+        return sum(float((b - a).norm() ** 2) for b, a in pairs) ** 0.5 / sum(float(a.norm() ** 2) for _, a in pairs) ** 0.5
+
+    free, held = moved(0.0), moved(10.0)
+    # 12 steps at the toy lr 5e-3 move B away from A; the anchor pulls each weight back once it has moved
+    assert free > 0.01 and held < 0.5 * free, (free, held)
+
+    with pytest.raises(LorakitError, match="add --b-from-a"):
+        methods.difference(pair_set, config, adapter, tmp_path / "x.safetensors", reuse_a=a_file, anchor=1e-3)
+    with pytest.raises(LorakitError, match="--anchor must be a number 0 or above"):
+        methods.difference(pair_set, config, adapter, tmp_path / "x.safetensors", reuse_a=a_file, b_from_a=True,
+                           anchor=-1.0)
 
 
 def test_copier_ensemble_is_the_exact_average_of_b_runs_with_successive_seeds(adapter, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""``python -m lorakit_ext difference --a DIR --b DIR --out FILE [--rank R] [--shuffle] [--b-from-a]``: B x 1 +
-A x (-1)."""
+"""``python -m lorakit_ext difference --a DIR --b DIR --out FILE [--rank R] [--shuffle] [--b-from-a
+[--anchor L]]``: B x 1 + A x (-1)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     difference.add_argument("--keep-a", type=Path, help="save the trained LoRA A here, to reuse it")
     difference.add_argument("--b-from-a", action="store_true",
                             help="start LoRA B's training from LoRA A's weights instead of zero")
+    difference.add_argument("--anchor", type=float, default=0.0, metavar="L",
+                            help="with --b-from-a: add L x the squared distance of B's weights from A's to B's loss,"
+                                 " so less of B's drift is left in B - A (the toy task: 1e-3)")
 
 
 def run(args: argparse.Namespace) -> int:
     return run_verb(
         "difference", args, rank=args.rank, shuffle=args.shuffle, reuse_a=args.reuse_a, keep_a=args.keep_a,
-        b_from_a=args.b_from_a,
+        b_from_a=args.b_from_a, anchor=args.anchor,
     )

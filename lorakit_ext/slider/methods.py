@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -165,9 +166,11 @@ def _new_network(config, adapter):
 
 
 def _overfit(
-    config, adapter, pair_set: PairSet, side: str, out: Path, work: Path, report, token, masked: bool, start=None
+    config, adapter, pair_set: PairSet, side: str, out: Path, work: Path, report, token, masked: bool, start=None,
+    anchor: float = 0.0,
 ):
-    """Overfit a LoRA on one side's images, from zero or, with ``start`` (network weights), from that network."""
+    """Overfit a LoRA on one side's images, from zero or, with ``start`` (network weights), from that network; with
+    ``anchor`` > 0, held near ``start`` by ``anchor`` x the squared distance of its weights from there (L2-SP)."""
     from lorakit_ext.networks.network import network_from_weights
     from lorakit_ext.train.trainer import TrainHooks
 
@@ -175,9 +178,21 @@ def _overfit(
     run = config.with_overrides({"masked_loss": masked, "save_precision": "float"}, source="slider")
     hooks = None
     if start is not None:
-        hooks = TrainHooks(network=network_from_weights(start, adapter.targets(), adapter.arch).requires_grad_(True))
+        network = network_from_weights(start, adapter.targets(), adapter.arch).requires_grad_(True)
+        hooks = TrainHooks(network=network, batch_loss=_anchored_loss(network, anchor) if anchor else None)
     name = f"LoRA {side.upper()}" + (" from A" if start is not None else "")
     return train_pass(run, adapter, data, out, _phase(report, name), token, hooks)
+
+
+def _anchored_loss(network, anchor: float):
+    """The diffusion loss plus ``anchor`` x the squared distance of the network's weights from where they are now."""
+    anchors = [(parameter, parameter.detach().clone()) for parameter in network.parameters() if parameter.requires_grad]
+
+    def loss(run, batch):
+        distance = sum(((parameter - start) ** 2).sum() for parameter, start in anchors)
+        return run.diffusion_loss(batch) + anchor * distance
+
+    return loss
 
 
 def _lora_a(config, adapter, pair_set, work: Path, reuse_a, keep_a, report, token, masked: bool) -> Path | None:
@@ -215,8 +230,7 @@ def copier(
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
     _check_output(out)
-    if ensemble < 1:
-        raise LorakitError(f"--ensemble must be at least 1, got {ensemble}")
+    check_options("copier", {"ensemble": ensemble})
     result = SliderResult("copier", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
         work = Path(temp)
@@ -325,21 +339,23 @@ def difference(
     reuse_a: str | Path | None = None,
     keep_a: str | Path | None = None,
     b_from_a: bool = False,
+    anchor: float = 0.0,
     masked: bool = False,
     report: Reporter | None = None,
     token=None,
 ) -> SliderResult:
     """The difference method (module docstring): B x 1 + A x (-1), exact, or re-compressed to ``rank``.
     ``b_from_a`` starts B's training from A's weights instead of zero: B then differs from A only by what turns A's
-    images into B's, and less of the two passes' separate noise is left in B - A."""
+    images into B's, and less of the two passes' separate noise is left in B - A. ``anchor`` (with ``b_from_a``)
+    adds ``anchor`` x the squared distance of B's weights from A's to B's loss: B moves from A only where the B
+    images keep pulling it, so less of the pass's drift is left in B - A."""
     from lorakit_ext.formats.kohya import load_network, save_network
     from lorakit_ext.train.job import StopToken
     from lorakit_ext.train.trainer import SAVE_DTYPES
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
     _check_output(out)
-    if rank is not None and rank < 1:
-        raise LorakitError(f"--rank must be at least 1, got {rank}")
+    check_options("difference", {"rank": rank, "b_from_a": b_from_a, "anchor": anchor})
     result = SliderResult("difference", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-difference-") as temp:
         work = Path(temp)
@@ -349,7 +365,7 @@ def difference(
         result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
         b_path = work / "lora_b.safetensors"
         start = load_network(a_path) if b_from_a else None
-        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start).stopped:
+        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start, anchor).stopped:
             return dataclasses.replace(result, stopped=True)
         networks = [load_network(b_path), load_network(a_path)]
     merged = difference_weights(networks[0], networks[1], rank=rank, shuffle=shuffle, seed=config.seed, report=report)
@@ -358,6 +374,7 @@ def difference(
         "ss_output_name": out.stem,
         "lorakit_slider_shuffled": str(shuffle),
         "lorakit_slider_b_from_a": str(b_from_a),
+        "lorakit_slider_anchor": str(anchor),
     }
     metadata = slider_metadata("difference", pair_set, extra)
     save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
@@ -442,6 +459,22 @@ class PairPartners:
         pixels = torch.stack([self.pixels(e) for e in examples]).to(adapter.device)
         with torch.no_grad():
             return adapter.encode_images(pixels).float()
+
+
+def check_options(method: str, options: Mapping[str, object]) -> None:
+    """Refuse a method's own options that cannot work, before anything trains (the methods, the CLI's
+    ``--dry-run`` and the HTTP routes all check here)."""
+    if method == "copier" and options.get("ensemble", 1) < 1:
+        raise LorakitError(f"--ensemble must be at least 1, got {options['ensemble']}")
+    if method != "difference":
+        return
+    rank, anchor = options.get("rank"), options.get("anchor", 0.0)
+    if rank is not None and rank < 1:
+        raise LorakitError(f"--rank must be at least 1, got {rank}")
+    if anchor < 0 or not math.isfinite(anchor):
+        raise LorakitError(f"--anchor must be a number 0 or above, got {anchor}")
+    if anchor and not options.get("b_from_a"):
+        raise LorakitError("--anchor holds B near A's weights, so B must start from them: add --b-from-a")
 
 
 def run_method(

@@ -242,7 +242,7 @@ def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
 # each slider method's own options (beside the training options), with their types: the CLI verbs' flags
 METHOD_OPTIONS: dict[str, dict[str, type]] = {
     "copier": {"ensemble": int, "verify_seeds": int},
-    "difference": {"b_from_a": bool, "rank": int, "shuffle": bool},
+    "difference": {"b_from_a": bool, "anchor": float, "rank": int, "shuffle": bool},
     "paired": {"weight": float},
 }
 
@@ -279,7 +279,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     verbs have them) and any training option (kohya names) over the recipe."""
     if method not in SLIDER_METHODS:
         raise LorakitError(f"method: {method!r} is not one of {', '.join(SLIDER_METHODS)}")
-    from lorakit_ext.slider.methods import run_method, slider_config
+    from lorakit_ext.slider.methods import check_options, run_method, slider_config
     from lorakit_ext.slider.pairs import load_pairs
     from lorakit_ext.slider.report import SweepSettings, default_prompts, report_paths
 
@@ -289,6 +289,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     masked = bool(options.pop("masked", False))
     with_report = bool(options.pop("report", True))
     own = method_options(method, options)
+    check_options(method, own)
     out = paths.output_path(host.lora_root(), str(options.pop("output_name", "slider")),
                             str(options.pop("output_dir", "") or host.output_dir()))
     if options.get("pretrained_model_name_or_path"):

@@ -363,6 +363,8 @@ class LorakitTabs:
                                  elem_id="lorakit_slider_ensemble")
             b_from_a = gr.Checkbox(label="difference: start B from A's weights", value=False,
                                    elem_id="lorakit_slider_b_from_a")
+            anchor = gr.Number(value=0, minimum=0, label="difference: anchor (hold B near A; with B from A)",
+                               elem_id="lorakit_slider_anchor")
         with gr.Accordion("Training options of both passes (kohya names, TOML lines; the slider recipe fills the "
                           "rest)", open=False):
             options = gr.Code(value='max_train_steps = 300\nlearning_rate = 1e-3\nnetwork_dim = 4\n',
@@ -381,17 +383,18 @@ class LorakitTabs:
             return [(image, f"{pair.name} {label}") for pair in found.pairs
                     for image, label in ((pair.a, "A"), (pair.b, "B"), (difference_image(pair), "|B-A|"))]
 
-        def on_start(task, kind, a, b, name, mask, report, runs, from_a, option_text):
+        def on_start(task, kind, a, b, name, mask, report, runs, from_a, hold, option_text):
             def build():
                 values = {**toml_options(option_text), "a": a, "b": b, "output_name": name, "masked": mask,
                           "report": report}
-                values.update({"copier": {"ensemble": runs}, "difference": {"b_from_a": from_a}}.get(kind, {}))
+                own = {"copier": {"ensemble": runs}, "difference": {"b_from_a": from_a, "anchor": hold}}
+                values.update(own.get(kind, {}))
                 return operations.slider_operation(kind, values, self.host)
             yield from self.start(task, build)
 
         preview.click(on_preview, inputs=[folder_a, folder_b], outputs=[pairs])
         start.click(on_start, inputs=[task_id, method, folder_a, folder_b, output_name, masked, with_report, ensemble,
-                                      b_from_a, options],
+                                      b_from_a, anchor, options],
                     outputs=outputs, _js="lorakit_start_slider" if self.host.native_progress else None)
 
     # --- Merge ----------------------------------------------------------------------------------------------------
