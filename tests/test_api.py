@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -178,6 +180,23 @@ def test_slider_routes_take_the_methods_own_options(client):
     snapshot = wait_done(http, response.json()["id"], timeout=300)
     assert snapshot["status"] == "done", snapshot
     assert load_network(snapshot["result"]["output"]).metadata["lorakit_slider_ensemble"] == "2"
+
+    # LoRA A kept under a name of its own, then reused from the Lora list by that name
+    response = http.post("/lorakit/v1/copier", json={**pairs, "verify_seeds": 1, "output_name": "first",
+                                                      "keep_a": "first_a"})
+    snapshot = wait_done(http, response.json()["id"], timeout=300)
+    kept = Path(snapshot["result"]["output"]).with_name("first_a.safetensors")
+    assert snapshot["status"] == "done" and kept.is_file(), snapshot
+    response = http.post("/lorakit/v1/copier", json={**pairs, "verify_seeds": 1, "output_name": "second",
+                                                      "reuse_a": "first_a"})
+    snapshot = wait_done(http, response.json()["id"], timeout=300)
+    assert snapshot["status"] == "done", snapshot
+    source = json.loads(load_network(snapshot["result"]["output"]).metadata["lorakit_slider_a"])
+    assert source == {"file": kept.name, "sshs_model_hash": load_network(kept).metadata["sshs_model_hash"]}
+    response = http.post("/lorakit/v1/difference", json={**pairs, "reuse_a": "nope"})
+    assert response.status_code == 400 and response.json()["error"] == "reuse_a: nope does not exist"
+    response = http.post("/lorakit/v1/copier", json={**pairs, "output_name": "same", "keep_a": "same"})
+    assert response.status_code == 400 and response.json()["error"].startswith("keep_a: same.safetensors is the")
 
 
 def test_merge_into_writes_a_new_checkpoint_beside_the_models(client):

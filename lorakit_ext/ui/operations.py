@@ -208,11 +208,11 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
     return Operation(request.mode, title, run, needs_model=False)
 
 
-def resolve_network(name_or_path: str, networks: dict[str, Path]) -> Path:
+def resolve_network(name_or_path: str, networks: dict[str, Path], option: str = "models") -> Path:
     """A Lora list name (as in ``<lora:name:w>``) or an existing file."""
     if name_or_path in networks:
         return networks[name_or_path]
-    return paths.existing_file(name_or_path, "models")
+    return paths.existing_file(name_or_path, option)
 
 
 def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
@@ -241,8 +241,8 @@ def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
 
 # each slider method's own options (beside the training options), with their types: the CLI verbs' flags
 METHOD_OPTIONS: dict[str, dict[str, type]] = {
-    "copier": {"ensemble": int, "verify_seeds": int},
-    "difference": {"b_from_a": bool, "anchor": float, "rank": int, "shuffle": bool},
+    "copier": {"ensemble": int, "verify_seeds": int, "reuse_a": str, "keep_a": str},
+    "difference": {"b_from_a": bool, "anchor": float, "rank": int, "shuffle": bool, "reuse_a": str, "keep_a": str},
     "paired": {"weight": float},
 }
 
@@ -257,8 +257,8 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         value = options.pop(name)
         if value is None or value == "":
             continue
-        if kind is bool:
-            fits = isinstance(value, bool)
+        if kind in (bool, str):
+            fits = isinstance(value, kind)
         else:  # a number: JSON and gradio give ints as floats too, but not booleans
             fits = isinstance(value, (int, float)) and not isinstance(value, bool)
             fits = fits and (kind is float or value == int(value))
@@ -290,8 +290,15 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     with_report = bool(options.pop("report", True))
     own = method_options(method, options)
     check_options(method, own)
-    out = paths.output_path(host.lora_root(), str(options.pop("output_name", "slider")),
-                            str(options.pop("output_dir", "") or host.output_dir()))
+    folder = str(options.pop("output_dir", "") or host.output_dir())
+    out = paths.output_path(host.lora_root(), str(options.pop("output_name", "slider")), folder)
+    # LoRA A: reused from the Lora list (a name or a file), or kept beside the output under a name of its own
+    if "reuse_a" in own:
+        own["reuse_a"] = resolve_network(own["reuse_a"], host.list_networks(), "reuse_a")
+    if "keep_a" in own:
+        own["keep_a"] = paths.output_path(host.lora_root(), own["keep_a"], folder, "keep_a")
+        if own["keep_a"] == out:
+            raise LorakitError(f"keep_a: {own['keep_a'].name} is the slider's own file; give A another name")
     if options.get("pretrained_model_name_or_path"):
         raise LorakitError("pretrained_model_name_or_path: this host trains on the model it has loaded")
     pair_set = load_pairs(a_dir, b_dir)

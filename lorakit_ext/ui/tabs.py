@@ -365,6 +365,10 @@ class LorakitTabs:
                                    elem_id="lorakit_slider_b_from_a")
             anchor = gr.Number(value=0, minimum=0, label="difference: anchor (hold B near A; with B from A)",
                                elem_id="lorakit_slider_anchor")
+        with gr.Row():
+            reuse_a = gr.Textbox(label="copier / difference: reuse this LoRA A (Lora list name or file) instead of training one",
+                                 elem_id="lorakit_slider_reuse_a")
+            keep_a = gr.Textbox(label="copier / difference: keep the trained LoRA A under this name", elem_id="lorakit_slider_keep_a")
         with gr.Accordion("Training options of both passes (kohya names, TOML lines; the slider recipe fills the "
                           "rest)", open=False):
             options = gr.Code(value='max_train_steps = 300\nlearning_rate = 1e-3\nnetwork_dim = 4\n',
@@ -383,18 +387,20 @@ class LorakitTabs:
             return [(image, f"{pair.name} {label}") for pair in found.pairs
                     for image, label in ((pair.a, "A"), (pair.b, "B"), (difference_image(pair), "|B-A|"))]
 
-        def on_start(task, kind, a, b, name, mask, report, runs, from_a, hold, option_text):
+        def on_start(task, kind, a, b, name, mask, report, runs, from_a, hold, reused, kept, option_text):
             def build():
                 values = {**toml_options(option_text), "a": a, "b": b, "output_name": name, "masked": mask,
                           "report": report}
-                own = {"copier": {"ensemble": runs}, "difference": {"b_from_a": from_a, "anchor": hold}}
+                lora_a = {"reuse_a": reused.strip(), "keep_a": kept.strip()}
+                own = {"copier": {"ensemble": runs, **lora_a}, "difference": {"b_from_a": from_a, "anchor": hold,
+                                                                             **lora_a}}
                 values.update(own.get(kind, {}))
                 return operations.slider_operation(kind, values, self.host)
             yield from self.start(task, build)
 
         preview.click(on_preview, inputs=[folder_a, folder_b], outputs=[pairs])
         start.click(on_start, inputs=[task_id, method, folder_a, folder_b, output_name, masked, with_report, ensemble,
-                                      b_from_a, anchor, options],
+                                      b_from_a, anchor, reuse_a, keep_a, options],
                     outputs=outputs, _js="lorakit_start_slider" if self.host.native_progress else None)
 
     # --- Merge ----------------------------------------------------------------------------------------------------
