@@ -48,6 +48,7 @@ QUICK = {"seeds": 2, "steps": 4, "sample_steps": 4}
 # benchmark name: (slider method, its options); "naive" is a LoRA trained on B alone
 METHODS = {
     "copier": ("copier", {}),
+    "copier-anchored": ("copier", {"anchor": 3e-4}),
     "difference": ("difference", {}),
     "difference-b-from-a": ("difference", {"b_from_a": True}),
     "difference-anchored": ("difference", {"b_from_a": True, "anchor": 1e-3}),

@@ -63,14 +63,16 @@ def test_bad_inputs_are_one_line_errors(verb, pairs, tmp_path, capsys):
     assert err.startswith("error: --pairs") and "nowhere" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--anchor", "1e-3"], "error: --anchor holds B near A's weights, so B must start from them: add --b-from-a"),
-    (["--b-from-a", "--anchor", "-1"], "error: --anchor must be a number 0 or above, got -1.0"),
-    (["--rank", "0"], "error: --rank must be at least 1, got 0"),
+@pytest.mark.parametrize("verb, options, message", [
+    ("difference", ["--anchor", "1e-3"],
+     "error: --anchor holds B near A's weights, so B must start from them: add --b-from-a"),
+    ("difference", ["--b-from-a", "--anchor", "-1"], "error: --anchor must be a number 0 or above, got -1.0"),
+    ("difference", ["--rank", "0"], "error: --rank must be at least 1, got 0"),
+    ("copier", ["--anchor", "nan"], "error: --anchor must be a number 0 or above, got nan"),
+    ("copier", ["--ensemble", "0"], "error: --ensemble must be at least 1, got 0"),
 ])
-def test_difference_options_that_cannot_work_are_refused_before_anything_runs(options, message, pairs, tmp_path,
-                                                                                capsys):
+def test_method_options_that_cannot_work_are_refused_before_anything_runs(verb, options, message, pairs, tmp_path,
+                                                                            capsys):
     out = tmp_path / "x.safetensors"
-    code = main(["difference", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), *options,
-                 "--dry-run"])
+    code = main([verb, "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), *options, "--dry-run"])
     assert code == 2 and capsys.readouterr().err.strip() == message and not out.exists()

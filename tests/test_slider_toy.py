@@ -244,6 +244,27 @@ def test_difference_anchor_holds_b_near_a(adapter, tmp_path, monkeypatch):
                            anchor=-1.0)
 
 
+def test_copier_anchor_holds_b_near_its_start(adapter, tmp_path):
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.slider import methods
+
+    pair_set = toy_pair_set(tmp_path / "pairs")
+    config = toy_config(pair_set, max_train_steps=12)
+    a_file = tmp_path / "a.safetensors"
+    _random_lora_a(config, adapter, a_file)
+
+    def delta_norm(anchor):
+        """The size of B's delta (it starts at zero: a new network's up factors are zero), trained with ``anchor``."""
+        out = tmp_path / f"copier_{anchor}.safetensors"
+        methods.copier(pair_set, config, adapter, out, reuse_a=a_file, verify_seeds=1, anchor=anchor)
+        lora_b = load_network(out)
+        assert lora_b.metadata["lorakit_slider_anchor"] == str(anchor)
+        return sum(float(module.delta().norm() ** 2) for module in lora_b.modules.values()) ** 0.5
+
+    free, held = delta_norm(0.0), delta_norm(10.0)
+    assert free > 0 and held < 0.5 * free, (free, held)
+
+
 def test_copier_ensemble_is_the_exact_average_of_b_runs_with_successive_seeds(adapter, tmp_path, monkeypatch):
     from lorakit_ext.formats.kohya import load_network
     from lorakit_ext.merge import algebra

@@ -47,6 +47,7 @@ COPY_DISTANCE_LEFT_MAX = 0.5
 METADATA_METHOD = "lorakit_slider_method"
 METADATA_SOURCES = "lorakit_slider_sources"
 METADATA_ENSEMBLE = "lorakit_slider_ensemble"
+METADATA_ANCHOR = "lorakit_slider_anchor"
 
 Reporter = Callable[..., None]
 
@@ -216,13 +217,16 @@ def copier(
     masked: bool = False,
     verify_seeds: int = 4,
     ensemble: int = 1,
+    anchor: float = 0.0,
     report: Reporter | None = None,
     token=None,
 ) -> SliderResult:
     """The copier method (module docstring). ``reuse_a`` skips training A; ``keep_a`` saves the trained A there.
     ``masked`` weights B's loss by the pairs' difference mask. ``ensemble`` > 1 trains B that many times over A, with
     seeds ``seed``, ``seed + 1``, ..., and saves their exact average (rank ``ensemble`` x dim): what every run learns
-    stays whole, what one seed's run picked up alone is divided by ``ensemble``."""
+    stays whole, what one seed's run picked up alone is divided by ``ensemble``. ``anchor`` adds ``anchor`` x the
+    squared distance of B's weights from their start to B's loss: B then holds less of what its seed alone picked
+    up, a cleaner and weaker slider."""
     from lorakit_ext.formats.kohya import load_network, save_network
     from lorakit_ext.merge.algebra import merge_networks
     from lorakit_ext.train.job import StopToken
@@ -230,7 +234,7 @@ def copier(
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
     _check_output(out)
-    check_options("copier", {"ensemble": ensemble})
+    check_options("copier", {"ensemble": ensemble, "anchor": anchor})
     result = SliderResult("copier", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
         work = Path(temp)
@@ -253,7 +257,7 @@ def copier(
             )
             report(message="warning: " + result.warnings[-1])
         data_b = write_dataset(pair_set, "b", work / "data_b", masked=masked)
-        metadata = slider_metadata("copier", pair_set, _a_note(a_path, weights_a))
+        metadata = slider_metadata("copier", pair_set, {**_a_note(a_path, weights_a), METADATA_ANCHOR: str(anchor)})
         members = []
         branch_a = _frozen_branch(weights_a, adapter)
         try:
@@ -261,7 +265,9 @@ def copier(
                 run = config.with_overrides({"masked_loss": masked, "seed": config.seed + member}, source="slider")
                 target = out if ensemble == 1 else work / f"lora_b_{member + 1}.safetensors"
                 name = "LoRA B on A" if ensemble == 1 else f"LoRA B {member + 1}/{ensemble} on A"
-                hooks = TrainHooks(network=_new_network(run, adapter), metadata=metadata)
+                network = _new_network(run, adapter)
+                loss = _anchored_loss(network, anchor) if anchor else None
+                hooks = TrainHooks(network=network, batch_loss=loss, metadata=metadata)
                 members.append(train_pass(run, adapter, data_b, target, _phase(report, name), token, hooks))
                 if members[-1].stopped:
                     break
@@ -374,7 +380,7 @@ def difference(
         "ss_output_name": out.stem,
         "lorakit_slider_shuffled": str(shuffle),
         "lorakit_slider_b_from_a": str(b_from_a),
-        "lorakit_slider_anchor": str(anchor),
+        METADATA_ANCHOR: str(anchor),
     }
     metadata = slider_metadata("difference", pair_set, extra)
     save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
@@ -464,16 +470,17 @@ class PairPartners:
 def check_options(method: str, options: Mapping[str, object]) -> None:
     """Refuse a method's own options that cannot work, before anything trains (the methods, the CLI's
     ``--dry-run`` and the HTTP routes all check here)."""
+    anchor = options.get("anchor", 0.0)
+    if anchor < 0 or not math.isfinite(anchor):
+        raise LorakitError(f"--anchor must be a number 0 or above, got {anchor}")
     if method == "copier" and options.get("ensemble", 1) < 1:
         raise LorakitError(f"--ensemble must be at least 1, got {options['ensemble']}")
     if method != "difference":
         return
-    rank, anchor = options.get("rank"), options.get("anchor", 0.0)
+    rank = options.get("rank")
     if rank is not None and rank < 1:
         raise LorakitError(f"--rank must be at least 1, got {rank}")
-    if anchor < 0 or not math.isfinite(anchor):
-        raise LorakitError(f"--anchor must be a number 0 or above, got {anchor}")
-    if anchor and not options.get("b_from_a"):
+    if anchor and not options.get("b_from_a"):  # B from zero: A's own wandering would stay whole in B - A
         raise LorakitError("--anchor holds B near A's weights, so B must start from them: add --b-from-a")
 
 

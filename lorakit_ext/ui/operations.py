@@ -241,7 +241,7 @@ def describe_inputs(models: list[str], networks: dict[str, Path]) -> list[dict]:
 
 # each slider method's own options (beside the training options), with their types: the CLI verbs' flags
 METHOD_OPTIONS: dict[str, dict[str, type]] = {
-    "copier": {"ensemble": int, "verify_seeds": int, "reuse_a": str, "keep_a": str},
+    "copier": {"ensemble": int, "anchor": float, "verify_seeds": int, "reuse_a": str, "keep_a": str},
     "difference": {"b_from_a": bool, "anchor": float, "rank": int, "shuffle": bool, "reuse_a": str, "keep_a": str},
     "paired": {"weight": float},
 }

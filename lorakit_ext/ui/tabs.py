@@ -363,7 +363,7 @@ class LorakitTabs:
                                  elem_id="lorakit_slider_ensemble")
             b_from_a = gr.Checkbox(label="difference: start B from A's weights", value=False,
                                    elem_id="lorakit_slider_b_from_a")
-            anchor = gr.Number(value=0, minimum=0, label="difference: anchor (hold B near A; with B from A)",
+            anchor = gr.Number(value=0, minimum=0, label="anchor: hold B near its start (difference: with B from A)",
                                elem_id="lorakit_slider_anchor")
         with gr.Row():
             reuse_a = gr.Textbox(label="copier / difference: reuse this LoRA A (Lora list name or file) instead of training one",
@@ -392,8 +392,8 @@ class LorakitTabs:
                 values = {**toml_options(option_text), "a": a, "b": b, "output_name": name, "masked": mask,
                           "report": report}
                 lora_a = {"reuse_a": reused.strip(), "keep_a": kept.strip()}
-                own = {"copier": {"ensemble": runs, **lora_a}, "difference": {"b_from_a": from_a, "anchor": hold,
-                                                                             **lora_a}}
+                own = {"copier": {"ensemble": runs, "anchor": hold, **lora_a},
+                       "difference": {"b_from_a": from_a, "anchor": hold, **lora_a}}
                 values.update(own.get(kind, {}))
                 return operations.slider_operation(kind, values, self.host)
             yield from self.start(task, build)
