@@ -179,7 +179,8 @@ def perfect_slider(adapter, settings) -> list[dict]:
     for prompt, seed, image in zip(prompts, seeds, images):
         sweep = perfect_slider_sweep(image, settings.weights)
         numbers = run_metrics(sweep, settings.weights) if sweep is not None else {
-            "area": [0.0] * len(settings.weights), "rho": 0.0, "hue_drift_deg": None, "centroid_drift_px": None, "background_change": None}
+            "area": [0.0] * len(settings.weights), "rho": 0.0, "hue_drift_deg": None, "centroid_drift_px": None,
+            "background_change": None}
         runs.append({"prompt": prompt, "seed": seed, **numbers})
     return judged_runs({"runs": runs})
 
@@ -217,7 +218,8 @@ def table(results: dict) -> str:
             f" {'n/a' if beyond is None else f'{beyond:.0%}'} |"
             f" {number(r['hue_drift_deg_median'])} / {number(r['hue_drift_deg_p90'], ' deg')} |"
             f" {number(r['centroid_drift_px_median'])} / {number(r['centroid_drift_px_p90'], ' px')} |"
-            f" {number(r['background_change_mean'])} | {number(r['growth_median'], 'x')} | {verdict(r['meets_goal'])} |"
+            f" {number(r['background_change_mean'])} | {number(r['growth_median'], 'x')} |"
+            f" {verdict(r['meets_goal'])} |"
             f" {verdict(r.get('meets_goal_beyond_border'))} |"
         )
     return "\n".join(lines)

@@ -231,7 +231,8 @@ def test_difference_anchor_holds_b_near_a(adapter, tmp_path, monkeypatch):
         assert load_network(out).metadata["lorakit_slider_anchor"] == str(anchor)
         pairs = [(recorded["b"].modules[name].tensors[key], tensor)
                  for name, module in lora_a.modules.items() for key, tensor in module.tensors.items()]
-        return sum(float((b - a).norm() ** 2) for b, a in pairs) ** 0.5 / sum(float(a.norm() ** 2) for _, a in pairs) ** 0.5
+        moved_by = sum(float((b - a).norm() ** 2) for b, a in pairs) ** 0.5
+        return moved_by / sum(float(a.norm() ** 2) for _, a in pairs) ** 0.5
 
     free, held = moved(0.0), moved(10.0)
     # 12 steps at the toy lr 5e-3 move B away from A; the anchor pulls each weight back once it has moved

@@ -180,13 +180,16 @@ def _overfit(
     hooks = None
     if start is not None:
         network = network_from_weights(start, adapter.targets(), adapter.arch).requires_grad_(True)
-        hooks = TrainHooks(network=network, batch_loss=_anchored_loss(network, anchor) if anchor else None)
+        hooks = TrainHooks(network=network, batch_loss=_anchored_loss(network, anchor))
     name = f"LoRA {side.upper()}" + (" from A" if start is not None else "")
     return train_pass(run, adapter, data, out, _phase(report, name), token, hooks)
 
 
 def _anchored_loss(network, anchor: float):
-    """The diffusion loss plus ``anchor`` x the squared distance of the network's weights from where they are now."""
+    """The diffusion loss plus ``anchor`` x the squared distance of the network's weights from where they are now;
+    None (the plain loss) when ``anchor`` is 0."""
+    if not anchor:
+        return None
     anchors = [(parameter, parameter.detach().clone()) for parameter in network.parameters() if parameter.requires_grad]
 
     def loss(run, batch):
@@ -266,8 +269,7 @@ def copier(
                 target = out if ensemble == 1 else work / f"lora_b_{member + 1}.safetensors"
                 name = "LoRA B on A" if ensemble == 1 else f"LoRA B {member + 1}/{ensemble} on A"
                 network = _new_network(run, adapter)
-                loss = _anchored_loss(network, anchor) if anchor else None
-                hooks = TrainHooks(network=network, batch_loss=loss, metadata=metadata)
+                hooks = TrainHooks(network=network, batch_loss=_anchored_loss(network, anchor), metadata=metadata)
                 members.append(train_pass(run, adapter, data_b, target, _phase(report, name), token, hooks))
                 if members[-1].stopped:
                     break

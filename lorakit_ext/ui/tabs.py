@@ -366,9 +366,10 @@ class LorakitTabs:
             anchor = gr.Number(value=0, minimum=0, label="anchor: hold B near its start (difference: with B from A)",
                                elem_id="lorakit_slider_anchor")
         with gr.Row():
-            reuse_a = gr.Textbox(label="copier / difference: reuse this LoRA A (Lora list name or file) instead of training one",
-                                 elem_id="lorakit_slider_reuse_a")
-            keep_a = gr.Textbox(label="copier / difference: keep the trained LoRA A under this name", elem_id="lorakit_slider_keep_a")
+            reuse_a = gr.Textbox(label="copier / difference: reuse this LoRA A (Lora list name or file) instead of"
+                                       " training one", elem_id="lorakit_slider_reuse_a")
+            keep_a = gr.Textbox(label="copier / difference: keep the trained LoRA A under this name",
+                                elem_id="lorakit_slider_keep_a")
         with gr.Accordion("Training options of both passes (kohya names, TOML lines; the slider recipe fills the "
                           "rest)", open=False):
             options = gr.Code(value='max_train_steps = 300\nlearning_rate = 1e-3\nnetwork_dim = 4\n',
