@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lorakit_ext.formats.kohya import save_network
+from lorakit_ext.formats.safetensors_io import read_metadata
 from tests.test_api import tiny_lora
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -180,6 +181,8 @@ def test_copier_previews_pairs_and_saves_a_slider(page, app):
     page.wait_for_function("document.querySelectorAll('#lorakit_slider_pairs img').length >= 3")
     page.locator("#lorakit_slider_output_name textarea").fill("browser_copier")
     page.locator("#lorakit_slider_report input").uncheck()
+    page.locator("#lorakit_slider_anchor input").fill("0.001")  # the method's own fields reach the job
+    page.locator("#lorakit_slider_keep_a textarea").fill("browser_a")
     page.locator("#lorakit_slider_tab .label-wrap", has_text="Training options").click()
     page.locator("#lorakit_slider_options .cm-content").fill("max_train_steps = 2\nlearning_rate = 1e-3\n")
     page.locator("#lorakit_slider_start").click()
@@ -189,3 +192,5 @@ def test_copier_previews_pairs_and_saves_a_slider(page, app):
     result = page.locator("#lorakit_slider_result textarea").input_value()
     assert result.startswith("Saved") and "browser_copier.safetensors" in result
     assert (host.output_dir() / "browser_copier.safetensors").is_file()
+    assert read_metadata(host.output_dir() / "browser_copier.safetensors")["lorakit_slider_anchor"] == "0.001"
+    assert (host.output_dir() / "browser_a.safetensors").is_file()
