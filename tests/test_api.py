@@ -176,10 +176,14 @@ def test_slider_routes_take_the_methods_own_options(client):
     response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": "two"})
     assert response.status_code == 400 and response.json()["error"] == "ensemble: expected int, got 'two'"
     response = http.post("/lorakit/v1/copier", json={**pairs, "ensemble": 2.0, "verify_seeds": 1,
-                                                      "output_name": "two_runs"})
+                                                      "output_name": "two_runs", "train_batch_size": 1,
+                                                      "save_every_n_epochs": 1})  # one pair: 1 step an epoch
     snapshot = wait_done(http, response.json()["id"], timeout=300)
     assert snapshot["status"] == "done", snapshot
-    assert load_network(snapshot["result"]["output"]).metadata["lorakit_slider_ensemble"] == "2"
+    output = Path(snapshot["result"]["output"])
+    assert load_network(output).metadata["lorakit_slider_ensemble"] == "2"
+    # the job's files: the average of the runs' epoch-1 saves, then the final average
+    assert snapshot["result"]["files"] == [str(output.with_name("two_runs-000001.safetensors")), str(output)]
 
     # LoRA A kept under a name of its own, then reused from the Lora list by that name
     response = http.post("/lorakit/v1/copier", json={**pairs, "verify_seeds": 1, "output_name": "first",

@@ -312,6 +312,48 @@ def test_copier_ensemble_is_the_exact_average_of_b_runs_with_successive_seeds(ad
     torch.testing.assert_close(load_network(stopped.output).modules[name].delta(), deltas[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["copier", "difference"])
+def test_epoch_saves_of_the_ensemble_and_the_difference_are_written_beside_the_slider(
+    adapter, tmp_path, monkeypatch, method
+):
+    """The passes' own epoch files live in a temporary folder; the slider of each epoch is written beside ``out``:
+    the ensemble's average of its runs' epoch files, the difference's B at that epoch minus the final A."""
+    from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.merge import algebra
+    from lorakit_ext.slider import methods
+
+    merged = []
+    merge_networks = algebra.merge_networks
+
+    def recording(networks, ratios, **options):
+        merged.append(([network.modules for network in networks], ratios))
+        return merge_networks(networks, ratios, **options)
+
+    monkeypatch.setattr(algebra, "merge_networks", recording)
+    pair_set = toy_pair_set(tmp_path / "pairs", ("white",))  # one pair at batch size 1: 1 step an epoch
+    config = toy_config(pair_set, max_train_steps=2, train_batch_size=1, save_every_n_epochs=1)
+    a_file = tmp_path / "a.safetensors"
+    _random_lora_a(config, adapter, a_file)
+    out = tmp_path / "slider.safetensors"
+    options = {"ensemble": 2, "verify_seeds": 1} if method == "copier" else {}
+    result = methods.run_method(method, pair_set, config, adapter, out, reuse_a=a_file, **options)
+    epoch_file = tmp_path / "slider-000001.safetensors"
+    assert result.saved == [epoch_file, out] and result.output == out
+    assert sorted(path.name for path in tmp_path.glob("*.safetensors")) == [
+        "a.safetensors", "slider-000001.safetensors", "slider.safetensors"]
+    ratios = [0.5, 0.5] if method == "copier" else [1.0, -1.0]
+    assert [call[1] for call in merged] == [ratios, ratios]  # the epoch file's, then the final one's
+    earlier, final = load_network(epoch_file), load_network(out)
+    assert earlier.metadata["ss_epoch"] == "1" and earlier.metadata["ss_steps"] == "1"
+    assert earlier.metadata["ss_output_name"] == "slider" and earlier.metadata[METADATA_METHOD] == method
+    name = next(iter(final.modules))
+    (epoch_sources, _), (final_sources, _) = merged
+    for saved, sources in ((earlier, epoch_sources), (final, final_sources)):
+        expected = sum(ratio * modules[name].delta() for ratio, modules in zip(ratios, sources))
+        torch.testing.assert_close(saved.modules[name].delta(), expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(earlier.modules[name].delta(), final.modules[name].delta())
+
+
 def test_run_method_reports_every_saved_epoch_and_the_final_file(adapter, tmp_path):
     from lorakit_ext.slider.methods import run_method
     from lorakit_ext.slider.report import report_paths

@@ -283,15 +283,37 @@ def copier(
         if not finished:  # stopped during the first run: nothing to average
             return result
         # stopped later: the runs that finished are averaged, so a stop loses none of them
+        metadata[METADATA_ENSEMBLE] = str(len(finished))
         sources = [f"lora_b_{number}" for number in range(1, len(finished) + 1)]
-        weights = [load_network(member.output) for member in finished]
-        averaged = merge_networks(weights, [1.0 / len(finished)] * len(finished), sources=sources)
-    metadata[METADATA_ENSEMBLE] = str(len(finished))
-    save_network(out, averaged, dtype=SAVE_DTYPES[config.save_precision],
-                 metadata={**metadata, "ss_output_name": out.stem}, arch=adapter.arch)
-    report(message=f"average of {len(finished)} B runs saved", files=[str(out)])
-    result.output, result.saved = out, [out]
+        ratios = [1.0 / len(finished)] * len(finished)
+        # each earlier save (epoch / step) every run wrote is averaged too, and written beside ``out``
+        for target, paths in [*_earlier_saves(finished, out), (out, [member.output for member in finished])]:
+            weights = [load_network(path) for path in paths]
+            averaged = merge_networks(weights, ratios, sources=sources)
+            progress = _progress_fields(weights[0]) if target != out else {}
+            save_network(target, averaged, dtype=SAVE_DTYPES[config.save_precision],
+                         metadata={**metadata, **progress, "ss_output_name": out.stem}, arch=adapter.arch)
+            result.saved.append(target)
+    report(message=f"average of {len(finished)} B runs saved", files=[str(path) for path in result.saved])
+    result.output = out
     return result
+
+
+def _earlier_saves(passes, out: Path) -> list[tuple[Path, list[Path]]]:
+    """The earlier saves (``name-000002.safetensors``, ``name-step00000500.safetensors``) that every one of the
+    finished training ``passes`` wrote, each as (the file of that name beside ``out``, the passes' files), in the
+    order they were written. Saves that ``save_last_n_epochs`` / ``_steps`` deleted are skipped."""
+    by_suffix: dict[str, list[Path]] = {}
+    for done in passes:
+        for path in done.files:
+            if path != done.output and path.is_file():
+                by_suffix.setdefault(path.name[len(done.output.stem):], []).append(path)
+    return [(out.with_name(out.stem + suffix), paths) for suffix, paths in by_suffix.items() if len(paths) == len(passes)]
+
+
+def _progress_fields(weights) -> dict[str, str]:
+    """The training-progress fields of an earlier save (its epoch and step), for the file derived from it."""
+    return {key: weights.metadata[key] for key in ("ss_epoch", "ss_steps") if key in weights.metadata}
 
 
 def _a_note(a_path: Path, weights_a) -> dict[str, str]:
@@ -373,21 +395,28 @@ def difference(
         result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
         b_path = work / "lora_b.safetensors"
         start = load_network(a_path) if b_from_a else None
-        if _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start, anchor).stopped:
+        pass_b = _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start, anchor)
+        if pass_b.stopped:
             return dataclasses.replace(result, stopped=True)
-        networks = [load_network(b_path), load_network(a_path)]
-    merged = difference_weights(networks[0], networks[1], rank=rank, shuffle=shuffle, seed=config.seed, report=report)
-    dtype = SAVE_DTYPES[config.save_precision]
-    extra = {
-        "ss_output_name": out.stem,
-        "lorakit_slider_shuffled": str(shuffle),
-        "lorakit_slider_b_from_a": str(b_from_a),
-        METADATA_ANCHOR: str(anchor),
-    }
-    metadata = slider_metadata("difference", pair_set, extra)
-    save_network(out, merged, dtype=dtype, metadata=metadata, arch=adapter.arch)
-    report(message="difference saved", files=[str(out)])
-    result.output, result.saved = out, [out]
+        weights_a = load_network(a_path)
+        extra = {
+            "ss_output_name": out.stem,
+            "lorakit_slider_shuffled": str(shuffle),
+            "lorakit_slider_b_from_a": str(b_from_a),
+            METADATA_ANCHOR: str(anchor),
+        }
+        metadata = slider_metadata("difference", pair_set, extra)
+        # each earlier save of B (epoch / step) minus the final A is written beside ``out`` too
+        for target, (path,) in [*_earlier_saves([pass_b], out), (out, [b_path])]:
+            weights_b = load_network(path)
+            merged = difference_weights(weights_b, weights_a, rank=rank, shuffle=shuffle, seed=config.seed,
+                                        report=report if target == out else None)
+            progress = _progress_fields(weights_b) if target != out else {}
+            save_network(target, merged, dtype=SAVE_DTYPES[config.save_precision], metadata={**metadata, **progress},
+                         arch=adapter.arch)
+            result.saved.append(target)
+    report(message="difference saved", files=[str(path) for path in result.saved])
+    result.output = out
     return result
 
 

@@ -314,7 +314,7 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
         grid, numbers = report_paths(out)
         return {
             **result.summary(),
-            **file_result(result.output, [result.output] if result.output else []),
+            **file_result(result.output, [path for path in result.saved if path.is_file()]),
             "report_grid": str(grid) if grid.is_file() else None,
             "report_json": str(numbers) if numbers.is_file() else None,
         }
