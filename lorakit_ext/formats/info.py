@@ -30,7 +30,7 @@ def file_info(path: Path) -> dict:
     description = kohya.describe_network(weights)
     stored = description.pop("hashes")
     hashes: dict = {"stored": stored, "sha256": safetensors_io.file_sha256(path)}
-    if path.suffix.lower() not in safetensors_io.PICKLE_SUFFIXES:
+    if safetensors_io.is_safetensors(path):
         model_hash = safetensors_io.file_model_hash(path)
         hashes["model_hash"] = model_hash
         hashes["short_hash"] = safetensors_io.lora_short_hash(model_hash)

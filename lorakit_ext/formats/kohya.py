@@ -283,6 +283,9 @@ def _module_weights(name: str, parts: Mapping[str, torch.Tensor], path: PathLike
 def _shape_problem(module: ModuleWeights, algo: str) -> str | None:
     """Why a module's tensors cannot make one weight delta, or None when they can."""
     t = {suffix: tuple(tensor.shape) for suffix, tensor in module.tensors.items()}
+    empty = sorted(suffix for suffix, shape in t.items() if 0 in shape)
+    if empty:  # every reader and merger of ours assumes a factor holds something
+        return f"{empty[0]} {t[empty[0]]} is empty (rank 0)"
     foreign = sorted(s for s in t if not s.startswith({"lora": "lora_", "loha": "hada_", "lokr": "lokr_"}[algo]))
     if foreign:
         return f"mixes {algo} tensors with {', '.join(foreign)}"

@@ -92,11 +92,11 @@ def load_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 def load_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor in a network file, on the CPU, and its string metadata, from one read of the header.
 
-    ``.safetensors`` (and any suffix not listed in ``PICKLE_SUFFIXES``) is checked by ``read_header`` first;
-    ``.pt``/``.pth``/``.ckpt``/``.bin`` go through ``torch.load(weights_only=True)``, must hold a flat mapping of
+    A safetensors file, whatever its suffix (``is_safetensors``), is checked by ``read_header`` first; other
+    ``.pt``/``.pth``/``.ckpt``/``.bin`` files go through ``torch.load(weights_only=True)``, must hold a flat mapping of
     name -> tensor (optionally under a ``state_dict`` key) and have no metadata.
     """
-    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES and not is_safetensors(path):
         return _load_pickled_tensors(path), {}
     header, _ = read_header(path)
     try:
@@ -106,17 +106,31 @@ def load_file(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, dict(header.get("__metadata__", {}))
 
 
+def is_safetensors(path: PathLike) -> bool:
+    """Whether the file starts as a safetensors file does (a header length within the file, then a JSON object),
+    so that one saved under a ``.bin``/``.pt`` name is read as what it is; ``read_header`` checks the rest."""
+    file_size = _file_size(path)
+    try:
+        with open(path, "rb") as file:
+            start = file.read(LENGTH_PREFIX_BYTES + 1)
+    except OSError as error:
+        raise LorakitError(f"{path}: cannot read ({error.strerror})") from None
+    header_length = int.from_bytes(start[:LENGTH_PREFIX_BYTES], "little")
+    fits = len(start) > LENGTH_PREFIX_BYTES and LENGTH_PREFIX_BYTES + header_length <= file_size
+    return fits and header_length <= MAX_HEADER_BYTES and start[LENGTH_PREFIX_BYTES:] == b"{"
+
+
 def _load_pickled_tensors(path: PathLike) -> dict[str, torch.Tensor]:
-    _file_size(path)
     try:
         loaded = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise LorakitError(
-            f"{path}: holds more than plain tensors and we never unpickle code ({_one_line(error)}); "
-            "convert it to .safetensors with a tool you trust"
+            f"{path}: not a readable PyTorch checkpoint: it holds more than plain tensors and we never unpickle code "
+            f"({_one_line(error)}); convert it to .safetensors with a tool you trust"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise LorakitError(f"{path}: not a readable PyTorch file ({_one_line(error)})") from None
+    except Exception as error:  # on junk bytes torch's safe unpickler raises anything: KeyError, ValueError, ...
+        reason = f"{type(error).__name__}: {_one_line(error)}"
+        raise LorakitError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
@@ -128,6 +142,8 @@ def _load_pickled_tensors(path: PathLike) -> dict[str, torch.Tensor]:
 
 
 def _file_size(path: PathLike) -> int:
+    if os.path.isdir(path):
+        raise LorakitError(f"{path}: a folder, not a file")
     try:
         return os.path.getsize(path)
     except OSError as error:

@@ -122,7 +122,7 @@ def load_networks(paths: list[str], device: torch.device | str = "cpu") -> list[
     networks = []
     for path in paths:
         network = load_network(path).to(device=device)
-        if not network.metadata.get("sshs_model_hash") and str(path).endswith(".safetensors"):
+        if not network.metadata.get("sshs_model_hash") and safetensors_io.is_safetensors(path):
             network.metadata["sshs_model_hash"] = safetensors_io.file_model_hash(path)
         networks.append(network)
     return networks
