@@ -37,6 +37,7 @@ from lorakit_ext.errors import LorakitError
 PathLike = str | os.PathLike
 # Files that can only be read through torch.load (always weights_only=True: we never unpickle code).
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".ckpt", ".bin"})
+SAFETENSORS_SUFFIX = ".safetensors"
 LENGTH_PREFIX_BYTES = 8
 # The safetensors library refuses headers larger than this; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000
@@ -292,6 +293,19 @@ def _compact_json(value: object) -> str:
 def _update_digest(digest, buffers: Iterable[memoryview]) -> None:
     for buffer in buffers:
         digest.update(buffer)
+
+
+def check_save_to(save_to: PathLike, inputs: Mapping[str, Iterable[PathLike]]) -> None:
+    """Refuse, before any work, an output that is not ``.safetensors`` (the only format written: under a ``.pt``
+    name no loader, ours included, would read it) or that is one of ``inputs`` (option -> paths; the same file by
+    any spelling or link), which the atomic write would replace, losing it."""
+    if Path(save_to).suffix.lower() != SAFETENSORS_SUFFIX:
+        raise LorakitError(f"--save_to {save_to}: must end in {SAFETENSORS_SUFFIX} (the only format written)")
+    if not os.path.exists(save_to):
+        return
+    for option, paths in inputs.items():
+        if any(os.path.exists(path) and os.path.samefile(save_to, path) for path in paths):
+            raise LorakitError(f"--save_to {save_to} is one of the inputs ({option}); write to another file")
 
 
 def save_tensors_atomic(

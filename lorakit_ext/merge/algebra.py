@@ -36,6 +36,7 @@ def low_rank_terms(
     """
     if len(networks) != len(ratios):
         raise LorakitError(f"--ratios: {len(ratios)} ratios for {len(networks)} networks")
+    check_finite_ratios(ratios)
     if not networks:
         raise LorakitError("--models: nothing to merge")
     sources = source_names(networks, sources)
@@ -67,6 +68,13 @@ def low_rank_terms(
         for term in ts:
             term.shape = shape
     return terms
+
+
+def check_finite_ratios(ratios: Sequence[float]) -> None:
+    """Refuse NaN/Inf ratios up front: they would surface only when the result is checked, blamed on the output."""
+    bad = next((ratio for ratio in ratios if not math.isfinite(ratio)), None)
+    if bad is not None:
+        raise LorakitError(f"--ratios: {bad} is not a finite number")
 
 
 def arch_family(arch: str | None) -> str | None:

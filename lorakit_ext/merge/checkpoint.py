@@ -83,8 +83,11 @@ def merge_into_checkpoint(
     Sums are accumulated in fp32 on ``device``; changed weights are saved in ``save_dtype`` (default: their own),
     and so is every other floating tensor when ``save_dtype`` is given; everything else is copied unchanged. The
     checkpoint's metadata is kept but for its hashes, which described the input's bytes; ``lorakit_merged_into``
-    names the input with its hash, ``lorakit_merged_loras`` each network with its ratio and hash.
+    names the input with its hash, ``lorakit_merged_loras`` each network with its ratio and hash. ``save_to`` must
+    be none of the inputs (checked here, as the WebUI's merge-into comes here without the CLI's checks).
     """
+    inputs = {"--checkpoint": [checkpoint], "--models": [network.source for network in networks if network.source]}
+    safetensors_io.check_save_to(save_to, inputs)
     state, stated = safetensors_io.load_file(checkpoint)
     arch = checkpoint_arch(state, checkpoint)
     table = target_table(state, checkpoint, arch)

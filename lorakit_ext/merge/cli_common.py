@@ -14,6 +14,7 @@ import torch
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import load_network, save_network
+from lorakit_ext.merge.algebra import check_finite_ratios
 from lorakit_ext.merge.svd import DYNAMIC_METHODS, RankRule, parse_dynamic
 from lorakit_ext.networks.weights import NetworkWeights
 
@@ -72,10 +73,14 @@ def check_clamp(quantile: float | None) -> None:
         raise LorakitError(f"--clamp_quantile must be in (0, 1], got {quantile}")
 
 
-def check_inputs(paths: list[str], flag: str) -> None:
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise LorakitError(f"{flag}: no such file: {missing[0]}")
+def check_files(inputs: dict[str, list[str]], save_to: str) -> None:
+    """Every input (flag -> paths) an existing file, and ``--save_to`` a .safetensors file that is none of them,
+    before any work: a run must never replace one of its own inputs."""
+    for flag, paths in inputs.items():
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise LorakitError(f"{flag}: no such file: {missing[0]}")
+    safetensors_io.check_save_to(save_to, inputs)
 
 
 def check_device(device: str) -> torch.device:
@@ -92,6 +97,7 @@ def ratios_for(models: list[str], ratios: list[float] | None) -> list[float]:
     ratios = ratios if ratios is not None else [1.0] * len(models)
     if len(ratios) != len(models):
         raise LorakitError(f"--ratios: {len(ratios)} ratios for {len(models)} --models")
+    check_finite_ratios(ratios)
     return ratios
 
 

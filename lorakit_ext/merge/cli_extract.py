@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    cli_common.check_inputs([args.base, args.tuned], "--base/--tuned")
+    cli_common.check_files({"--base": [args.base], "--tuned": [args.tuned]}, args.save_to)
     cli_common.check_clamp(args.clamp_quantile)
     dynamic = cli_common.dynamic_spec(args)
     dim = args.dim if args.dim is not None or dynamic else DEFAULT_DIM

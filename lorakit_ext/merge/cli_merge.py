@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     ratios = cli_common.ratios_for(args.models, args.ratios)
-    cli_common.check_inputs(args.models, "--models")
+    cli_common.check_files({"--models": args.models}, args.save_to)
     cli_common.check_clamp(args.clamp_quantile)
     device = cli_common.check_device(args.device)
     dtype = cli_common.PRECISIONS[args.save_precision]

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     ratios = cli_common.ratios_for(args.models, args.ratios)
-    cli_common.check_inputs([args.checkpoint, *args.models], "--checkpoint/--models")
+    cli_common.check_files({"--checkpoint": [args.checkpoint], "--models": args.models}, args.save_to)
     device = cli_common.check_device(args.device)
     dtype = cli_common.PRECISIONS[args.save_precision] if args.save_precision else None
     networks = cli_common.load_networks(args.models)

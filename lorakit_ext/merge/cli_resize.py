@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    cli_common.check_inputs([args.model], "--model")
+    cli_common.check_files({"--model": [args.model]}, args.save_to)
     cli_common.check_clamp(args.clamp_quantile)
     rule = cli_common.rank_rule(args.new_rank, args.new_conv_rank, args, "--new_rank")
     if rule.rank is None and rule.dynamic is None:
