@@ -3,12 +3,17 @@ prompt x seed grid of what the model draws."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
 from lorakit_ext.cli import main
 from lorakit_ext.toy import grid as demo_grid
+from lorakit_ext.toy import model as toy_model
 from lorakit_ext.toy.model import CHECKPOINT_NAME, CHECKPOINT_PATH, TEXT_DIR, load_checkpoint
 
 
@@ -48,3 +53,46 @@ def test_grid_takes_prompts_and_seeds(tmp_path):
     assert main(["toy", "grid", "--out", str(tmp_path), "--prompt", "a red circle", "--seeds", "2", "--steps", "4"]) == 0
     assert Image.open(tmp_path / demo_grid.GRID_NAME).size[1] == 2 * 64
     assert main(["toy", "grid", "--out", str(tmp_path), "--seeds", "0"]) == 2
+
+
+def test_export_and_grid_refuse_an_out_folder_they_cannot_write(tmp_path, capsys, monkeypatch):
+    occupied = tmp_path / "good.safetensors"
+    occupied.write_bytes(b"x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    # root ignores chmod, so the folder is made read-only the way os.access reports it to other users
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    refusals = {
+        occupied: "a file, not a folder",
+        occupied / "sub": f"{occupied} is a file, not a folder",
+        read_only: "cannot write there (permission denied)",
+        read_only / "sub": "cannot write there (permission denied)",
+    }
+    for folder, problem in refusals.items():
+        assert main(["toy", "grid", "--out", str(folder), "--seeds", "1", "--steps", "2"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out {folder}: {problem}"
+        assert main(["toy", "export", "--to", str(folder)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --to {folder}: {problem}"
+    assert occupied.read_bytes() == b"x" and list(read_only.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == [occupied, read_only]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--cfg-scale", "nan", "must be a number 0 or above, got nan"),
+        ("--cfg-scale", "inf", "must be a number 0 or above, got inf"),
+        ("--cfg-scale", "-1", "must be a number 0 or above, got -1.0"),
+        ("--steps", "0", "must be between 1 and 1000, got 0"),
+        ("--steps", "1001", "must be between 1 and 1000, got 1001"),
+        ("--seed", str(2**64), f"must fit in 64 bits, got {2**64}"),
+        ("--seed", str(-(2**63) - 1), f"must fit in 64 bits, got {-(2**63) - 1}"),
+    ],
+)
+def test_grid_refuses_numbers_before_loading_the_model(tmp_path, capsys, monkeypatch, option, value, problem):
+    monkeypatch.setattr(toy_model, "load_toy_model", lambda: pytest.fail("the model loaded"))
+    out = tmp_path / "out"
+    assert main(["toy", "grid", "--out", str(out), "--seeds", "1", "--steps", "2", option, value]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {option} {problem}"
+    assert not out.exists()

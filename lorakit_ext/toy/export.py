@@ -7,6 +7,7 @@ without a download and then loads every weight from the checkpoint.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lorakit_ext.errors import LorakitError
@@ -20,12 +21,26 @@ def export_checkpoint(to_dir: Path, name: str = CHECKPOINT_NAME) -> Path:
 
     if not CHECKPOINT_PATH.is_file():
         raise LorakitError(f"toy model weights {CHECKPOINT_PATH} are missing (run python -m lorakit_ext.toy.pretrain)")
-    if to_dir.exists() and not to_dir.is_dir():
-        raise LorakitError(f"--to {to_dir}: not a folder")
-    to_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(to_dir, "--to")
     target = to_dir / name
     config = OmegaConf.to_yaml(OmegaConf.create(read_config(CONFIG_PATH)))
     with open(CHECKPOINT_PATH, "rb") as source:
         write_atomic(target, iter(lambda: source.read(1 << 20), b""))
     write_atomic(target.with_suffix(".yaml"), [config.encode()])
     return target
+
+
+def writable_folder(folder: Path, option: str) -> Path:
+    """Create ``folder`` (and its parents) for a verb's output, or refuse in one line before any slow work: a file in
+    the way or a folder the user cannot write to would otherwise surface as a traceback at the first save."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        what = "a file" if existing == folder else f"{existing} is a file"
+        raise LorakitError(f"{option} {folder}: {what}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LorakitError(f"{option} {folder}: cannot write there (permission denied)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # what the checks above cannot see: a full disk, a race
+        raise LorakitError(f"{option} {folder}: cannot create it ({error.strerror})") from None
+    return folder

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 from pathlib import Path
 
+from lorakit_ext.errors import check_option
 from lorakit_ext.sampling import SAMPLERS
+from lorakit_ext.toy.config import NUM_TIMESTEPS
 
 PROMPTS = (
     "a red circle",
@@ -18,6 +21,7 @@ PROMPTS = (
 )
 SEEDS = 4
 GRID_NAME = "toy_grid.png"
+SEED_RANGE = range(-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lorakit_ext import sampling
-    from lorakit_ext.errors import LorakitError
     from lorakit_ext.formats.safetensors_io import write_atomic
     from lorakit_ext.models.ldm import LdmAdapter
+    from lorakit_ext.toy.export import writable_folder
     from lorakit_ext.toy.model import TOY_IMAGE_SIZE, load_toy_model
 
-    if args.seeds < 1:
-        raise LorakitError(f"--seeds must be at least 1, got {args.seeds}")
+    check_numbers(args)
+    writable_folder(args.out, "--out")
     prompts = args.prompts or list(PROMPTS)
     adapter = LdmAdapter(load_toy_model())
     seeds = [args.seed + column for column in range(args.seeds)]
@@ -56,10 +60,19 @@ def run(args: argparse.Namespace) -> int:
             height=TOY_IMAGE_SIZE,
         )
     picture = sampling.grid(images, columns=len(seeds), row_labels=prompts, scale=2)
-    args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / GRID_NAME
     png = io.BytesIO()
     picture.save(png, format="PNG")
     write_atomic(target, [png.getvalue()])
     print(f"wrote {target}: {len(prompts)} prompts (rows) x seeds {seeds[0]}..{seeds[-1]} (columns)")
     return 0
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse what would fail only after the model loads (steps, seeds) or give a black grid (a NaN cfg scale)."""
+    steps, seeds, cfg_scale = args.steps, args.seeds, args.cfg_scale
+    check_option(seeds >= 1, "--seeds", f"must be at least 1, got {seeds}")
+    check_option(1 <= steps <= NUM_TIMESTEPS, "--steps", f"must be between 1 and {NUM_TIMESTEPS}, got {steps}")
+    last_seed = args.seed + seeds - 1
+    check_option(args.seed in SEED_RANGE and last_seed in SEED_RANGE, "--seed", f"must fit in 64 bits, got {args.seed}")
+    check_option(0 <= cfg_scale < math.inf, "--cfg-scale", f"must be a number 0 or above, got {cfg_scale}")  # not NaN
