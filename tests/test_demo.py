@@ -4,6 +4,8 @@ the LoRA, its weight grid PNG and its metrics JSON, and says where. Shortened he
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,3 +60,34 @@ def test_demo_refuses_a_zero_setting(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: --steps, --seeds, --sample-steps, --verify-seeds and --ensemble must be at least 1"
     )
+
+
+QUICK = ["--steps", "1", "--seeds", "1", "--sample-steps", "1", "--verify-seeds", "1"]
+
+
+def test_demo_refuses_an_out_folder_it_cannot_write_before_training(tmp_path, capsys, monkeypatch):
+    occupied = tmp_path / "good.safetensors"
+    occupied.write_bytes(b"x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    # root ignores chmod, so the folder is made read-only the way os.access reports it to other users
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    refusals = {
+        occupied: "a file, not a folder",
+        occupied / "demo": f"{occupied} is a file, not a folder",
+        read_only: "cannot write there (permission denied)",
+        read_only / "demo": "cannot write there (permission denied)",
+    }
+    for folder, problem in refusals.items():
+        assert main(["demo", "--out", str(folder), *QUICK]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out {folder}: {problem}"
+    assert occupied.read_bytes() == b"x" and list(read_only.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == [occupied, read_only]
+
+
+def test_demo_refuses_sample_steps_the_sampler_cannot_take_before_training(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *QUICK, "--sample-steps", "1001"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --sample-steps must be at most 1000, got 1001"
+    assert not out.exists()

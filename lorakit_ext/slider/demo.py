@@ -83,17 +83,22 @@ def run(args: argparse.Namespace) -> int:
     from lorakit_ext.models.ldm import LdmAdapter
     from lorakit_ext.slider.methods import run_method
     from lorakit_ext.slider.report import SweepSettings, report_paths
+    from lorakit_ext.toy.config import NUM_TIMESTEPS
+    from lorakit_ext.toy.export import writable_folder
     from lorakit_ext.toy.model import load_toy_model
 
+    # everything the run could refuse, before the pairs are written and minutes of training begin
     if min(args.steps, args.seeds, args.sample_steps, args.verify_seeds, args.ensemble) < 1:
         raise LorakitError("--steps, --seeds, --sample-steps, --verify-seeds and --ensemble must be at least 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    pair_set = toy_pair_set(args.out / "pairs")
-    config = toy_config(pair_set, max_train_steps=args.steps)
-    adapter = LdmAdapter(load_toy_model())
+    if args.sample_steps > NUM_TIMESTEPS:
+        raise LorakitError(f"--sample-steps must be at most {NUM_TIMESTEPS}, got {args.sample_steps}")
     settings = SweepSettings(
         prompts=TOY_PROMPTS, seeds=tuple(range(args.seeds)), steps=args.sample_steps, toy_world=True
     )
+    writable_folder(args.out, "--out")
+    pair_set = toy_pair_set(args.out / "pairs")
+    config = toy_config(pair_set, max_train_steps=args.steps)
+    adapter = LdmAdapter(load_toy_model())
 
     def show(message: str = "", step: int = 0, total: int = 0, **_) -> None:
         if message or (total and step % 20 == 0):
