@@ -8,6 +8,8 @@ bar. ``build_app`` returns the gradio app with the API routes added, for the ver
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from lorakit_ext.errors import LorakitError
 from lorakit_ext.ui.host import Notice, ProgressView, unchanged_model
 
 DEFAULT_PORT = 7870
+MAX_PORT = 65535
 OUTPUT_SUBFOLDER = "lorakit"
 
 
@@ -122,12 +125,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model and not Path(args.model).is_file():
-        raise LorakitError(f"--model {args.model}: no such file")
+    from lorakit_ext.toy.export import writable_folder
+
+    # what gradio's launch or the first job would fail on, refused before gradio starts and before any folder is made
+    if not 1 <= args.port <= MAX_PORT:
+        raise LorakitError(f"--port must be between 1 and {MAX_PORT}, got {args.port}")
+    if args.model:
+        check_model(Path(args.model))
+    check_port_free(args.port)
+    writable_folder(args.lora_dir, "--lora-dir")
     host = StandaloneHost(args.lora_dir, args.model)
-    host.output_dir().mkdir(parents=True, exist_ok=True)
+    writable_folder(host.output_dir(), "--lora-dir")
     demo = build_app(host)
     url = launch(demo, args.port)
     print(f"LoRA Kit running at {url} (Lora folder {host.lora_root()}); Ctrl-C to quit", flush=True)
     demo.block_thread()
     return 0
+
+
+def check_model(path: Path) -> None:
+    """What loading ``--model`` on the first job needs, from the yaml's presence and the safetensors header alone (a
+    few KB), so a LoRA or a checkpoint without its yaml is refused at start, not when the first job loads it."""
+    from lorakit_ext.formats.safetensors_io import PICKLE_SUFFIXES, read_header
+    from lorakit_ext.merge.checkpoint import checkpoint_arch
+
+    if not path.is_file():
+        raise LorakitError(f"--model {path}: no such file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LorakitError(f"--model {path}: not a .safetensors checkpoint (the only kind the app loads)")
+    try:
+        checkpoint_arch([key for key in read_header(path)[0] if key != "__metadata__"], path)
+    except LorakitError as error:
+        raise LorakitError(f"--model {error}") from None
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        raise LorakitError(f"--model {path}: the ldm config {yaml.name} must sit beside the checkpoint")
+
+
+def check_port_free(port: int) -> None:
+    """Bind the port as gradio does (127.0.0.1, SO_REUSEADDR), so a port in use is one line, not gradio's OSError."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise LorakitError(f"port {port} is in use: pick another with --port") from None
+            raise LorakitError(f"--port {port}: cannot listen there ({error.strerror})") from None
