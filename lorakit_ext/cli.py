@@ -32,7 +32,9 @@ VERBS: dict[str, tuple[str, str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser_for(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told by the verb's own parser, so the usage shown is the verb's
+        parser.verb_parsers[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return importlib.import_module(args._module).run(args)
     except LorakitError as error:
@@ -47,8 +49,9 @@ def build_parser_for(argv: list[str]) -> argparse.ArgumentParser:
     """The parser with the arguments of the verb named in ``argv`` (the only one whose module gets imported)."""
     parser = argparse.ArgumentParser(prog="python -m lorakit_ext", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    parser.verb_parsers = {}
     for verb, (module_name, help_text) in VERBS.items():
-        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        sub = parser.verb_parsers[verb] = verbs.add_parser(verb, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
         if argv and argv[0] == verb:
             importlib.import_module(module_name).add_arguments(sub)

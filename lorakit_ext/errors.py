@@ -14,3 +14,20 @@ def check_option(ok: bool, option: str, problem: str) -> None:
 def first_few(names: list[str], shown: int = 3, separator: str = ", ") -> str:
     """The first ``shown`` of ``names`` for a one-line message, with "..." when there are more."""
     return separator.join(names[:shown]) + (f"{separator}..." if len(names) > shown else "")
+
+
+def check_can_write(folder, option: str) -> None:
+    """Refuse ``folder`` (created later when missing, so its nearest existing parent is tried) when it is a file or
+    cannot be written; ``option`` names it in the message. Checked before work starts, so that a long run does not
+    end in "cannot write"."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    check_option(existing.is_dir(), f"{option}:", f"{existing} is a file, not a folder")
+    try:  # a real write: permissions, a read-only mount and a full quota all show here
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".lorakit-check-"):
+            pass
+    except OSError as error:
+        raise LorakitError(f"{option}: cannot write in {existing} ({error.strerror or error})") from None

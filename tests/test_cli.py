@@ -36,3 +36,19 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["info", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "broken.safetensors" in err
+
+
+def test_an_unknown_option_shows_the_verbs_own_usage():
+    result = subprocess.run([sys.executable, "-m", "lorakit_ext", "resize", "--model", "x.safetensors",
+                             "--save_to", "y.safetensors", "--bogus"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m lorakit_ext resize ")
+    assert result.stderr.strip().endswith("python -m lorakit_ext resize: error: unrecognized arguments: --bogus")
+
+
+def test_loading_the_toy_model_prints_nothing():
+    """ldm's import-time pytorch_lightning deprecation warning is not the user's, so no command shows it."""
+    code = "from lorakit_ext.toy.model import load_toy_model; load_toy_model()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (result.stdout, result.stderr) == ("", "")

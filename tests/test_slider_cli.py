@@ -70,9 +70,68 @@ def test_bad_inputs_are_one_line_errors(verb, pairs, tmp_path, capsys):
     ("difference", ["--rank", "0"], "error: --rank must be at least 1, got 0"),
     ("copier", ["--anchor", "nan"], "error: --anchor must be a number 0 or above, got nan"),
     ("copier", ["--ensemble", "0"], "error: --ensemble must be at least 1, got 0"),
+    ("copier", ["--verify-seeds", "0"], "error: --verify-seeds must be at least 1, got 0"),
+    ("slider", ["--weight", "0"], "error: --weight must be a positive number, got 0.0"),
+    ("slider", ["--weight", "nan"], "error: --weight must be a positive number, got nan"),
+    ("copier", ["--report-steps", "0"], "error: --report-steps must be at least 1, got 0"),
+    ("difference", ["--report-cfg-scale", "nan"], "error: --report-cfg-scale must be a number 0 or above, got nan"),
+    ("slider", ["--report-weights", "-1", "0", "inf"], "error: --report-weights must be numbers, got [-1.0, 0.0, inf]"),
 ])
 def test_method_options_that_cannot_work_are_refused_before_anything_runs(verb, options, message, pairs, tmp_path,
                                                                             capsys):
     out = tmp_path / "x.safetensors"
     code = main([verb, "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), *options, "--dry-run"])
     assert code == 2 and capsys.readouterr().err.strip() == message and not out.exists()
+
+
+def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_runs(pairs, tmp_path, capsys):
+    """--dry-run checks them too: a run must not train for hours and then fail to write, or lose LoRA A."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    pickle = tmp_path / "pickle.safetensors"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    out = tmp_path / "s.safetensors"
+    cases = [
+        (["--out", str(tmp_path / "s.txt")], f"error: --out {tmp_path / 's.txt'}: the file must end in .safetensors"),
+        (["--out", str(blocker / "s.safetensors")],
+         f"error: --out {blocker / 's.safetensors'}: folder {blocker} does not exist"),
+        (["--out", str(out), "--keep-a", str(out)],
+         "error: --keep-a s.safetensors is the slider's own file (--out): give A another name"),
+        (["--out", str(out), "--keep-a", str(tmp_path / "." / "s.safetensors")],
+         "error: --keep-a s.safetensors is the slider's own file (--out): give A another name"),
+        (["--out", str(out), "--reuse-a", str(tmp_path / "nope.safetensors")],
+         f"error: --reuse-a {tmp_path / 'nope.safetensors'}: no such file"),
+    ]
+    folder = tmp_path / "a_folder.safetensors"
+    folder.mkdir()
+    cases.append((["--out", str(folder)], f"error: --out {folder}: a folder, not a file"))
+    for options, message in cases:
+        code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), *options, "--dry-run"])
+        assert (code, capsys.readouterr().err.strip()) == (2, message)
+    code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), "--reuse-a",
+                 str(pickle), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {pickle}") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder.safetensors", "pairs", "pickle.safetensors"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(pairs, tmp_path, capsys, monkeypatch):
+    """Root writes through chmod, so the failing write is simulated where the check makes it."""
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    out = tmp_path / "s.safetensors"
+    code = main(["slider", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {out}: cannot write in {tmp_path} (Permission denied)"
+
+
+def test_pairs_whose_b_images_equal_their_a_images_are_refused(pairs, capsys, tmp_path):
+    code = main(["copier", "--a", str(pairs / "A"), "--b", str(pairs / "A"), "--out", str(tmp_path / "s.safetensors"),
+                 "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --a {pairs / 'A'} / --b {pairs / 'A'}: every B image equals its A image: nothing for a slider to learn")

@@ -95,3 +95,29 @@ def test_a_kohya_v_parameterization_flag_on_the_eps_toy_model_is_refused(dataset
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: v_parameterization = true, but the model (sd1) predicts eps")
     assert err.count("\n") == 1
+
+
+def test_files_that_would_fail_later_are_refused_by_the_dry_run(tmp_path, dataset, capsys):
+    """An output folder that is a file, a prompt file that is not UTF-8 or has a bad option: a run would find these
+    only after training, or at its first sample."""
+    base = ["train", "--train_data_dir", str(dataset), "--resolution", "64", "--dry-run"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*base, "--output_dir", str(blocker / "sub")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: output_dir: {blocker} is a file, not a folder"
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"a red square\n\xff\xfe\n")
+    assert main([*base, "--sample_prompts", str(binary), "--sample_every_n_steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {binary}: the sample prompts are not UTF-8 text (byte 13)"
+    binary.write_text("a red square --w abc\n")
+    assert main([*base, "--sample_prompts", str(binary), "--sample_every_n_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {binary}:1") and "\n" not in err
+
+
+def test_images_without_a_caption_file_are_named_in_the_warnings(tmp_path, dataset, capsys):
+    (dataset / "3_red" / "1.txt").unlink()
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--dry-run"])
+    assert code == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert warnings == [f"1 of 2 images in {dataset / '3_red'} have no caption file: they train on the caption 'red'"]

@@ -38,13 +38,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_verb(method: str, args: argparse.Namespace, **options) -> int:
     """Load the pairs and the model, run the method (and its report) as a job in this thread, print a JSON summary."""
-    from lorakit_ext.slider.methods import check_options, run_method, slider_config
+    from lorakit_ext.slider.methods import check_files, check_options, run_method, slider_config
     from lorakit_ext.slider.pairs import load_pairs
     from lorakit_ext.slider.report import SweepSettings
     from lorakit_ext.train.cli import _print_event, config_overrides, load_adapter
     from lorakit_ext.train.job import Job
 
     check_options(method, options)
+    reuse_a = options.get("reuse_a")
+    check_files(args.out, options.get("keep_a") if reuse_a is None else None, reuse_a)
     pair_set = load_pairs(args.a, args.b, args.pairs, args.suffix, args.side_by_side)
     for name in pair_set.unmatched:
         print(f"warning: {name} has no partner and is left out", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_can_write
 from lorakit_ext.slider.pairs import PairSet, resized, write_dataset
 
 # The established slider recipe; a TOML file and command-line options override any of it.
@@ -119,11 +119,31 @@ def _phase(report: Reporter, name: str) -> Reporter:
     return phase_report
 
 
-def _check_output(out: Path) -> None:
-    if out.suffix != ".safetensors":
-        raise LorakitError(f"--out {out}: the slider file must end in .safetensors")
-    if not out.parent.is_dir():
-        raise LorakitError(f"--out {out}: folder {out.parent} does not exist")
+def check_files(out: str | Path, keep_a: str | Path | None = None, reuse_a: str | Path | None = None) -> None:
+    """Refuse output files that cannot be written and a LoRA A to reuse that cannot be read, before anything trains
+    (the methods, the CLI's ``--dry-run`` and the HTTP routes all check here)."""
+    from lorakit_ext.formats.kohya import load_network
+
+    out = Path(out)
+    for flag, path in (("--out", out), ("--keep-a", keep_a)):
+        if path is not None:
+            _check_writable(flag, Path(path))
+    if keep_a is not None and Path(keep_a).resolve() == out.resolve():
+        raise LorakitError(f"--keep-a {Path(keep_a).name} is the slider's own file (--out): give A another name")
+    if reuse_a is not None:
+        if not Path(reuse_a).is_file():
+            raise LorakitError(f"--reuse-a {reuse_a}: no such file")
+        load_network(reuse_a)  # a readable LoRA: its architecture is checked when it is applied to the model
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    if path.suffix != ".safetensors":
+        raise LorakitError(f"{flag} {path}: the file must end in .safetensors")
+    if path.is_dir():
+        raise LorakitError(f"{flag} {path}: a folder, not a file")
+    if not path.parent.is_dir():
+        raise LorakitError(f"{flag} {path}: folder {path.parent} does not exist")
+    check_can_write(path.parent, f"{flag} {path}")
 
 
 def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], config) -> float:
@@ -201,9 +221,7 @@ def _anchored_loss(network, anchor: float):
 
 def _lora_a(config, adapter, pair_set, work: Path, reuse_a, keep_a, report, token, masked: bool) -> Path | None:
     """LoRA A's file: ``reuse_a`` as given, or A trained now (into ``keep_a`` when given); None when stopped."""
-    if reuse_a is not None:
-        if not Path(reuse_a).is_file():
-            raise LorakitError(f"--reuse-a {reuse_a}: no such file")
+    if reuse_a is not None:  # checked by check_files
         return Path(reuse_a)
     a_path = Path(keep_a) if keep_a is not None else work / "lora_a.safetensors"
     return None if _overfit(config, adapter, pair_set, "a", a_path, work, report, token, masked).stopped else a_path
@@ -236,8 +254,8 @@ def copier(
     from lorakit_ext.train.trainer import SAVE_DTYPES, TrainHooks
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
-    _check_output(out)
-    check_options("copier", {"ensemble": ensemble, "anchor": anchor})
+    check_files(out, keep_a if reuse_a is None else None, reuse_a)
+    check_options("copier", {"ensemble": ensemble, "anchor": anchor, "verify_seeds": verify_seeds})
     result = SliderResult("copier", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
         work = Path(temp)
@@ -384,7 +402,7 @@ def difference(
     from lorakit_ext.train.trainer import SAVE_DTYPES
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
-    _check_output(out)
+    check_files(out, keep_a if reuse_a is None else None, reuse_a)
     check_options("difference", {"rank": rank, "b_from_a": b_from_a, "anchor": anchor})
     result = SliderResult("difference", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-difference-") as temp:
@@ -437,9 +455,8 @@ def paired(
     from lorakit_ext.train.trainer import TrainHooks
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
-    _check_output(out)
-    if weight <= 0:
-        raise LorakitError(f"--weight must be positive, got {weight}")
+    check_files(out)
+    check_options("paired", {"weight": weight})
     partners = PairPartners(pair_set)
 
     def paired_loss(run, batch):
@@ -504,8 +521,12 @@ def check_options(method: str, options: Mapping[str, object]) -> None:
     anchor = options.get("anchor", 0.0)
     if anchor < 0 or not math.isfinite(anchor):
         raise LorakitError(f"--anchor must be a number 0 or above, got {anchor}")
-    if method == "copier" and options.get("ensemble", 1) < 1:
-        raise LorakitError(f"--ensemble must be at least 1, got {options['ensemble']}")
+    for option in ("ensemble", "verify_seeds"):
+        if method == "copier" and options.get(option, 1) < 1:
+            raise LorakitError(f"--{option.replace('_', '-')} must be at least 1, got {options[option]}")
+    weight = options.get("weight", 1.0)
+    if method == "paired" and not (weight > 0 and math.isfinite(weight)):
+        raise LorakitError(f"--weight must be a positive number, got {weight}")
     if method != "difference":
         return
     rank = options.get("rank")

@@ -82,6 +82,8 @@ def _checked(pairs: list[ImagePair], unmatched: list[str], where: str) -> PairSe
     if not pairs:
         extra = f" (unmatched: {', '.join(unmatched[:5])})" if unmatched else ""
         raise LorakitError(f"{where}: no image pairs found{extra}")
+    if all(np.array_equal(p.a, p.b) for p in pairs):
+        raise LorakitError(f"{where}: every B image equals its A image: nothing for a slider to learn")
     return PairSet(pairs, unmatched)
 
 

@@ -63,6 +63,12 @@ class SweepSettings:
             raise LorakitError("--report-weights must include 0 (the base model every change is measured from)")
         if len(self.weights) < 3 or not self.prompts or not self.seeds:
             raise LorakitError("the report needs at least 3 weights, 1 prompt and 1 seed")
+        if not all(math.isfinite(weight) for weight in self.weights):
+            raise LorakitError(f"--report-weights must be numbers, got {list(self.weights)}")
+        if self.steps < 1:
+            raise LorakitError(f"--report-steps must be at least 1, got {self.steps}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise LorakitError(f"--report-cfg-scale must be a number 0 or above, got {self.cfg_scale}")
 
 
 @dataclass(frozen=True)

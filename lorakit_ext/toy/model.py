@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,21 @@ class _TextModelFromConfig:
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """An untrained ``LatentDiffusion`` from an ldm config dict (``{"model": {"target", "params"}}``), on CPU."""
-    import ldm.modules.encoders.modules as ldm_encoders
-    from ldm.util import instantiate_from_config
+    # ldm prints a line per block it builds, and importing it warns of a pytorch_lightning deprecation that is
+    # ldm's, not the user's: neither should be the first thing a command shows
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        import pytorch_lightning  # noqa: F401  (it installs warning filters on import; this one must come after)
 
-    original = ldm_encoders.CLIPTextModel
-    ldm_encoders.CLIPTextModel = _TextModelFromConfig
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # ldm prints a line per block it builds
+        warnings.filterwarnings("ignore", message=r".*pytorch_lightning\.utilities\.distributed\.rank_zero_only")
+        import ldm.modules.encoders.modules as ldm_encoders
+        from ldm.util import instantiate_from_config
+
+        original = ldm_encoders.CLIPTextModel
+        ldm_encoders.CLIPTextModel = _TextModelFromConfig
+        try:
             model = instantiate_from_config(config["model"])
-    finally:
-        ldm_encoders.CLIPTextModel = original
+        finally:
+            ldm_encoders.CLIPTextModel = original
     model.cond_stage_model.device = "cpu"
     return model.eval()
 

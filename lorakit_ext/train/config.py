@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
-from lorakit_ext.errors import LorakitError, check_option
+from lorakit_ext.errors import LorakitError, check_can_write, check_option
 from lorakit_ext.train.kohya_keys import network_args_dict
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")  # or any optimizer class by dotted name
@@ -243,6 +243,11 @@ class TrainConfig:
         for name in ("sample_prompts", "network_weights"):
             path = getattr(self, name)
             check_option(path is None or Path(path).is_file(), name, f"file {path} does not exist")
+        if self.sample_prompts:
+            from lorakit_ext.train.prompts import read_prompt_file
+
+            read_prompt_file(self.sample_prompts)  # every line parses, before any training
+        check_can_write(self.output_dir, "output_dir")
         check_option(
             self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found"
         )

@@ -125,6 +125,16 @@ class DatasetSummary:
     images_with_repeats: int
     buckets: dict[Size, int]  # (w, h) -> items per epoch
 
+    def notes(self, default_caption: str | None) -> list[str]:
+        """What the dataset holds that is allowed but probably not meant: images without a caption file."""
+        notes = []
+        for concept in self.concepts:
+            if concept.captions < concept.images:
+                caption = default_caption or concept.name
+                notes.append(f"{concept.images - concept.captions} of {concept.images} images in {concept.path} have"
+                             f" no caption file: they train on the caption {caption!r}")
+        return notes
+
     def to_dict(self) -> dict:
         return {
             "concepts": [asdict(concept) for concept in self.concepts],

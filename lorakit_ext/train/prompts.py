@@ -62,6 +62,8 @@ def read_prompt_file(path: str | Path) -> list[SamplePrompt]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise LorakitError(f"{path}: cannot read the sample prompts ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise LorakitError(f"{path}: the sample prompts are not UTF-8 text (byte {error.start})") from None
     prompts = [
         parse_prompt_line(line, f"{path}:{number}")
         for number, line in enumerate(lines, 1)

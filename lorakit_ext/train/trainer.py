@@ -294,12 +294,16 @@ def param_groups(network: Network, config: TrainConfig) -> list[dict]:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
+def run_notes(config: TrainConfig, adapter: ModelAdapter, summary) -> list[str]:
+    """The warnings shown before a run starts (and by ``--dry-run``): the config's, the model's, the dataset's."""
+    return config.warnings() + model_flag_notes(config, adapter) + summary.notes(config.default_caption)
+
+
 def plan(config: TrainConfig, adapter: ModelAdapter) -> TrainPlan:
     """Validate and resolve the config on a model without training (``--dry-run``)."""
     from lorakit_ext.train.dataset import TrainDataset
 
     config.validate()
-    flag_notes = model_flag_notes(config, adapter)
     optimizer_class(config.optimizer_type)
     dataset = TrainDataset(config.dataset_config(), config.seed)
     summary = dataset.summary
@@ -320,7 +324,7 @@ def plan(config: TrainConfig, adapter: ModelAdapter) -> TrainPlan:
         modules=modules,
         parameters=parameters,
         network_bytes=parameters * SAVE_DTYPES[config.save_precision].itemsize,
-        warnings=config.warnings() + flag_notes + notes,
+        warnings=run_notes(config, adapter, summary) + notes,
     )
 
 
@@ -350,12 +354,12 @@ class TrainingRun:
         self.config, self.adapter, self.report, self.token, self.hooks = config, adapter, report, token, hooks
         if adapter.dtype != torch.float32 and config.mixed_precision == "no":
             raise LorakitError(f"the model is in {adapter.dtype}: set mixed_precision to fp16 or bf16 to train on it")
-        self.notes = config.warnings() + model_flag_notes(config, adapter)
+        self.dataset = TrainDataset(config.dataset_config(), config.seed)
+        self.notes = run_notes(config, adapter, self.dataset.summary)
         self.accelerator = _accelerator(config.mixed_precision)
         if config.mixed_precision != "no" and not self.accelerator.native_amp:
             self.notes.append(f"mixed_precision {config.mixed_precision}: accelerate does not autocast to it on "
                               f"{self.accelerator.device.type}; training runs in fp32")
-        self.dataset = TrainDataset(config.dataset_config(), config.seed)
         self.process, self.processes = self.accelerator.process_index, self.accelerator.num_processes
         batches = len(self.dataset.epoch_batches(0, config.train_batch_size))
         if batches < self.processes:
