@@ -17,17 +17,19 @@ def first_few(names: list[str], shown: int = 3, separator: str = ", ") -> str:
 
 
 def check_can_write(folder, option: str) -> None:
-    """Refuse ``folder`` (created later when missing, so its nearest existing parent is tried) when it is a file or
-    cannot be written; ``option`` names it in the message. Checked before work starts, so that a long run does not
-    end in "cannot write"."""
+    """Refuse ``folder`` (created later when missing, so its nearest existing parent is tried) when a file is in the
+    way or it cannot be written, in one line naming ``option``: checked before work starts, so that a long run does
+    not end in a traceback at its first save."""
     import tempfile
     from pathlib import Path
 
-    path = Path(folder).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    check_option(existing.is_dir(), f"{option}:", f"{existing} is a file, not a folder")
-    try:  # a real write: permissions, a read-only mount and a full quota all show here
+    folder = Path(folder)
+    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        what = "a file" if existing == folder.absolute() else f"{existing} is a file"
+        raise LorakitError(f"{option} {folder}: {what}, not a folder")
+    try:  # a real write: permissions, a read-only mount and a full quota all show here (root ignores chmod)
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".lorakit-check-"):
             pass
     except OSError as error:
-        raise LorakitError(f"{option}: cannot write in {existing} ({error.strerror or error})") from None
+        raise LorakitError(f"{option} {folder}: cannot write there ({(error.strerror or str(error)).lower()})") from None

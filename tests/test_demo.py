@@ -4,8 +4,6 @@ the LoRA, its weight grid PNG and its metrics JSON, and says where. Shortened he
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,14 +63,12 @@ def test_demo_refuses_a_zero_setting(tmp_path, capsys):
 QUICK = ["--steps", "1", "--seeds", "1", "--sample-steps", "1", "--verify-seeds", "1"]
 
 
-def test_demo_refuses_an_out_folder_it_cannot_write_before_training(tmp_path, capsys, monkeypatch):
+def test_demo_refuses_an_out_folder_it_cannot_write_before_training(tmp_path, capsys, deny_writes_in):
     occupied = tmp_path / "good.safetensors"
     occupied.write_bytes(b"x")
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    # root ignores chmod, so the folder is made read-only the way os.access reports it to other users
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    deny_writes_in(read_only)
     refusals = {
         occupied: "a file, not a folder",
         occupied / "demo": f"{occupied} is a file, not a folder",

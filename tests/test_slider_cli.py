@@ -115,18 +115,13 @@ def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_ru
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder.safetensors", "pairs", "pickle.safetensors"]
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(pairs, tmp_path, capsys, monkeypatch):
-    """Root writes through chmod, so the failing write is simulated where the check makes it."""
-    import tempfile
-
-    def read_only(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(pairs, tmp_path, capsys,
+                                                                                  deny_writes_in):
+    deny_writes_in(tmp_path)
     out = tmp_path / "s.safetensors"
     code = main(["slider", "--a", str(pairs / "A"), "--b", str(pairs / "B"), "--out", str(out), "--dry-run"])
     assert code == 2
-    assert capsys.readouterr().err.strip() == f"error: --out {out}: cannot write in {tmp_path} (Permission denied)"
+    assert capsys.readouterr().err.strip() == f"error: --out {tmp_path}: cannot write there (permission denied)"
 
 
 def test_pairs_whose_b_images_equal_their_a_images_are_refused(pairs, capsys, tmp_path):

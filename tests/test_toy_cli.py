@@ -3,8 +3,6 @@ prompt x seed grid of what the model draws."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,14 +53,12 @@ def test_grid_takes_prompts_and_seeds(tmp_path):
     assert main(["toy", "grid", "--out", str(tmp_path), "--seeds", "0"]) == 2
 
 
-def test_export_and_grid_refuse_an_out_folder_they_cannot_write(tmp_path, capsys, monkeypatch):
+def test_export_and_grid_refuse_an_out_folder_they_cannot_write(tmp_path, capsys, deny_writes_in):
     occupied = tmp_path / "good.safetensors"
     occupied.write_bytes(b"x")
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    # root ignores chmod, so the folder is made read-only the way os.access reports it to other users
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    deny_writes_in(read_only)
     refusals = {
         occupied: "a file, not a folder",
         occupied / "sub": f"{occupied} is a file, not a folder",

@@ -104,7 +104,7 @@ def test_files_that_would_fail_later_are_refused_by_the_dry_run(tmp_path, datase
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert main([*base, "--output_dir", str(blocker / "sub")]) == 2
-    assert capsys.readouterr().err.strip() == f"error: output_dir: {blocker} is a file, not a folder"
+    assert capsys.readouterr().err.strip() == f"error: output_dir {blocker / 'sub'}: {blocker} is a file, not a folder"
     binary = tmp_path / "prompts.txt"
     binary.write_bytes(b"a red square\n\xff\xfe\n")
     assert main([*base, "--sample_prompts", str(binary), "--sample_every_n_steps", "1"]) == 2

@@ -3,9 +3,7 @@ folder it cannot write, a ``--model`` that is no checkpoint) in one line, before
 
 from __future__ import annotations
 
-import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -79,12 +77,10 @@ def test_a_lora_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert occupied.read_bytes() == b"x" and sorted(tmp_path.iterdir()) == [occupied]
 
 
-def test_a_read_only_lora_dir_is_refused(tmp_path, capsys, monkeypatch):
+def test_a_read_only_lora_dir_is_refused(tmp_path, capsys, deny_writes_in):
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    # root ignores chmod, so the folder is made read-only the way os.access reports it to other users
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != read_only and access(path, mode, **kw))
+    deny_writes_in(read_only)
     for lora_dir in (read_only, read_only / "Lora"):
         argv = [*ui(tmp_path), "--lora-dir", str(lora_dir)]
         assert refused(capsys, argv) == f"error: --lora-dir {lora_dir}: cannot write there (permission denied)"

@@ -143,7 +143,7 @@ def _check_writable(flag: str, path: Path) -> None:
         raise LorakitError(f"{flag} {path}: a folder, not a file")
     if not path.parent.is_dir():
         raise LorakitError(f"{flag} {path}: folder {path.parent} does not exist")
-    check_can_write(path.parent, f"{flag} {path}")
+    check_can_write(path.parent, flag)
 
 
 def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], config) -> float:

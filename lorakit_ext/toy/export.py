@@ -7,10 +7,9 @@ without a download and then loads every weight from the checkpoint.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_can_write
 from lorakit_ext.formats.safetensors_io import write_atomic
 from lorakit_ext.toy.model import CHECKPOINT_NAME, CHECKPOINT_PATH, CONFIG_PATH, read_config
 
@@ -31,16 +30,10 @@ def export_checkpoint(to_dir: Path, name: str = CHECKPOINT_NAME) -> Path:
 
 
 def writable_folder(folder: Path, option: str) -> Path:
-    """Create ``folder`` (and its parents) for a verb's output, or refuse in one line before any slow work: a file in
-    the way or a folder the user cannot write to would otherwise surface as a traceback at the first save."""
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir():
-        what = "a file" if existing == folder else f"{existing} is a file"
-        raise LorakitError(f"{option} {folder}: {what}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise LorakitError(f"{option} {folder}: cannot write there (permission denied)")
+    """Create ``folder`` (and its parents) for a verb's output, or refuse in one line before any slow work."""
+    check_can_write(folder, option)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # what the checks above cannot see: a full disk, a race
+    except OSError as error:  # what the check cannot see: a race
         raise LorakitError(f"{option} {folder}: cannot create it ({error.strerror})") from None
     return folder
