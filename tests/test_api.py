@@ -128,6 +128,9 @@ def test_second_job_is_409_and_stop_works(client):
         ({"models": ["first"], "output_name": " .. "}, "output_name"),
         ({"models": ["first"], "frobnicate": 1}, "unknown option 'frobnicate'"),
         ({"mode": "resize", "models": ["first"]}, "new_rank"),
+        ({"models": ["first", "second"], "output_name": "second", "output_dir": "."}, "is one of the inputs (models)"),
+        ({"mode": "resize", "models": ["first"], "new_rank": 1, "output_name": "first", "output_dir": "."},
+         "is one of the inputs (models)"),
     ],
 )
 def test_merge_input_errors_are_400_with_one_line(client, body, message):

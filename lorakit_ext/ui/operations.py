@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lorakit_ext.errors import LorakitError
-from lorakit_ext.formats.safetensors_io import file_sha256, lora_short_hash, write_atomic
+from lorakit_ext.formats.safetensors_io import check_save_to, file_sha256, lora_short_hash, write_atomic
 from lorakit_ext.train.config import TrainConfig
 from lorakit_ext.ui import paths
 from lorakit_ext.ui.host import Host
@@ -154,6 +154,7 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
 
             rule = rank_rule(DEFAULT_DIM, request.new_conv_rank, None)
         base, tuned = paths.existing_file(request.base, "base"), paths.existing_file(request.tuned, "tuned")
+    check_save_to(save_to, {"models": models, "base": [base] if base else [], "tuned": [tuned] if tuned else []})
     from lorakit_ext.merge.cli_common import bytes_per_value
 
     dtype = SAVE_DTYPES[request.save_precision]
