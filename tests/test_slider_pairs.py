@@ -103,19 +103,28 @@ def test_difference_mask_covers_the_ring_that_changed_and_nothing_else(tmp_path)
 
 
 def test_written_dataset_has_one_concept_folder_no_captions_and_the_mask_as_alpha(tmp_path):
+    from lorakit_ext.train.dataset import DatasetConfig, TrainDataset
+
     a, b = _pair_images()
     _save(tmp_path / "A" / "one.png", a)
     _save(tmp_path / "B" / "one.png", b)
     pair_set = load_pairs(tmp_path / "A", tmp_path / "B")
     root = write_dataset(pair_set, "b", tmp_path / "data", repeats=3, masked=True)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert files == ["3_b/one.png"]
-    written = np.asarray(Image.open(root / "3_b" / "one.png"))
+    assert files == ["3_/one.png"]
+    written = np.asarray(Image.open(root / "3_" / "one.png"))
     assert written.shape == (64, 64, 4) and np.array_equal(written[..., :3], b)
     alpha = written[..., 3] / 255.0
     assert alpha.max() == 1.0 and alpha.min() == pytest.approx(MASK_FLOOR, abs=1 / 255)
     plain = write_dataset(pair_set, "a", tmp_path / "plain")
-    assert np.array_equal(np.asarray(Image.open(plain / "1_a" / "one.png")), a)
+    assert np.array_equal(np.asarray(Image.open(plain / "1_" / "one.png")), a)
+
+    # what training reads: the default caption, the empty one included (not a folder name such as "b")
+    for folder, caption in ((root, ""), (plain, "a red circle")):
+        dataset = TrainDataset(DatasetConfig(train_data_dir=str(folder), resolution=(64, 64), default_caption=caption),
+                               seed=0)
+        assert [dataset.example(0, index).caption for index in dataset.epoch_batches(0, 1)[0]] == [caption]
+        assert dataset.summary.notes(caption) == []  # the empty caption is meant here
 
 
 def test_the_toy_task_on_several_backgrounds_is_one_pair_per_background_with_the_same_circle(tmp_path):

@@ -120,4 +120,7 @@ def test_images_without_a_caption_file_are_named_in_the_warnings(tmp_path, datas
     code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--dry-run"])
     assert code == 0
     warnings = json.loads(capsys.readouterr().out)["warnings"]
-    assert warnings == [f"1 of 2 images in {dataset / '3_red'} have no caption file: they train on the caption 'red'"]
+    assert warnings == [
+        f"1 of 2 images in {dataset / '3_red'} have no caption file: they train on the folder's name 'red'"]
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--default_caption", "x", "--dry-run"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["warnings"] == []  # a default caption is meant

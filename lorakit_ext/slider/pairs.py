@@ -180,16 +180,18 @@ def loss_mask(pair: ImagePair, floor: float = MASK_FLOOR) -> np.ndarray:
 
 
 def write_dataset(pair_set: PairSet, side: str, root: str | Path, repeats: int = 1, masked: bool = False) -> Path:
-    """Write one side ("a" or "b") as a kohya dataset: ``root/<repeats>_<side>/<name>.png``; returns ``root``.
+    """Write one side ("a" or "b") as a kohya dataset: ``root/<repeats>_/<name>.png``; returns ``root``.
 
-    No caption files are written, so every image trains with the dataset's ``default_caption`` (empty by default).
-    With ``masked`` the loss mask is stored as the PNG's alpha channel (what ``masked_loss`` reads).
+    No caption files are written and the concept folder's name is empty, so every image trains with the dataset's
+    ``default_caption``, empty by default (kohya datasets caption an image without a caption file by its folder's
+    name, which must not teach the slider a word). With ``masked`` the loss mask is stored as the PNG's alpha channel
+    (what ``masked_loss`` reads).
     """
     if side not in ("a", "b"):
         raise ValueError(f"side must be 'a' or 'b', got {side!r}")
     if repeats < 1:
         raise LorakitError(f"repeats must be at least 1, got {repeats}")
-    folder = Path(root) / f"{repeats}_{side}"
+    folder = Path(root) / f"{repeats}_"
     folder.mkdir(parents=True, exist_ok=True)
     for pair in pair_set.pairs:
         pixels = pair.a if side == "a" else pair.b

@@ -126,13 +126,13 @@ class DatasetSummary:
     buckets: dict[Size, int]  # (w, h) -> items per epoch
 
     def notes(self, default_caption: str | None) -> list[str]:
-        """What the dataset holds that is allowed but probably not meant: images without a caption file."""
+        """What the dataset holds that is allowed but probably not meant: images without a caption file, which then
+        train on their folder's name (kohya's class token), as no ``default_caption`` is set."""
         notes = []
         for concept in self.concepts:
-            if concept.captions < concept.images:
-                caption = default_caption or concept.name
+            if concept.captions < concept.images and not default_caption and concept.name:
                 notes.append(f"{concept.images - concept.captions} of {concept.images} images in {concept.path} have"
-                             f" no caption file: they train on the caption {caption!r}")
+                             f" no caption file: they train on the folder's name {concept.name!r}")
         return notes
 
     def to_dict(self) -> dict:
