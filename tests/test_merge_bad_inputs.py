@@ -46,9 +46,11 @@ def folder(tmp_path, table, tuned, monkeypatch):
 
 
 def snapshot(folder) -> dict[str, str]:
-    """Each entry of ``folder`` with the sha256 of its bytes (through links) and where a link points."""
+    """Each entry of ``folder`` with the sha256 of its bytes (through links) and where a link points; a folder's
+    entries likewise."""
     return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() + (f" -> {p.readlink()}" if p.is_symlink() else "")
+        p.name: sorted(snapshot(p).items()) if p.is_dir() else
+        hashlib.sha256(p.read_bytes()).hexdigest() + (f" -> {p.readlink()}" if p.is_symlink() else "")
         for p in sorted(folder.iterdir())
     }
 
@@ -111,6 +113,17 @@ def test_save_to_must_be_safetensors(capsys, folder, no_reads, suffix):
     for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):
         message = f"--save_to {save_to}: must end in .safetensors (the only format written)"
         assert_refused(capsys, folder, [*argv, "--save_to", save_to], message)
+
+
+def test_save_to_in_a_missing_or_unwritable_folder_is_refused_up_front(capsys, folder, no_reads, deny_writes_in):
+    for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):
+        message = "--save_to nowhere/l.safetensors: folder nowhere does not exist"
+        assert_refused(capsys, folder, [*argv, "--save_to", "nowhere/l.safetensors"], message)
+    (folder / "ro").mkdir()
+    deny_writes_in(folder / "ro")
+    for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):
+        message = "--save_to ro: cannot write there (permission denied)"
+        assert_refused(capsys, folder, [*argv, "--save_to", "ro/l.safetensors"], message)
 
 
 @pytest.mark.parametrize(

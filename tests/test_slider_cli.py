@@ -73,7 +73,7 @@ def test_bad_inputs_are_one_line_errors(verb, pairs, tmp_path, capsys):
     ("copier", ["--verify-seeds", "0"], "error: --verify-seeds must be at least 1, got 0"),
     ("slider", ["--weight", "0"], "error: --weight must be a positive number, got 0.0"),
     ("slider", ["--weight", "nan"], "error: --weight must be a positive number, got nan"),
-    ("copier", ["--report-steps", "0"], "error: --report-steps must be at least 1, got 0"),
+    ("copier", ["--report-steps", "0"], "error: --report-steps must be between 1 and 1000, got 0"),
     ("difference", ["--report-cfg-scale", "nan"], "error: --report-cfg-scale must be a number 0 or above, got nan"),
     ("slider", ["--report-weights", "-1", "0", "inf"], "error: --report-weights must be numbers, got [-1.0, 0.0, inf]"),
 ])

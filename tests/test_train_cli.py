@@ -124,3 +124,11 @@ def test_images_without_a_caption_file_are_named_in_the_warnings(tmp_path, datas
         f"1 of 2 images in {dataset / '3_red'} have no caption file: they train on the folder's name 'red'"]
     code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--default_caption", "x", "--dry-run"])
     assert code == 0 and json.loads(capsys.readouterr().out)["warnings"] == []  # a default caption is meant
+
+
+def test_a_resume_folder_that_holds_no_state_is_refused_by_the_dry_run(tmp_path, dataset, capsys):
+    empty = tmp_path / "state"
+    empty.mkdir()
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--resume", str(empty), "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: resume: {empty} is not a state folder (no state.json)"

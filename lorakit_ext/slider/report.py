@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lorakit_ext.errors import LorakitError
+from lorakit_ext.train.config import NUM_TRAIN_TIMESTEPS
 
 DEFAULT_WEIGHTS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 UNRELATED_PROMPTS = ("a blue square", "a green triangle on a black background")
@@ -65,8 +66,8 @@ class SweepSettings:
             raise LorakitError("the report needs at least 3 weights, 1 prompt and 1 seed")
         if not all(math.isfinite(weight) for weight in self.weights):
             raise LorakitError(f"--report-weights must be numbers, got {list(self.weights)}")
-        if self.steps < 1:
-            raise LorakitError(f"--report-steps must be at least 1, got {self.steps}")
+        if not 1 <= self.steps <= NUM_TRAIN_TIMESTEPS:
+            raise LorakitError(f"--report-steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {self.steps}")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise LorakitError(f"--report-cfg-scale must be a number 0 or above, got {self.cfg_scale}")
 

@@ -248,9 +248,10 @@ class TrainConfig:
 
             read_prompt_file(self.sample_prompts)  # every line parses, before any training
         check_can_write(self.output_dir, "output_dir")
-        check_option(
-            self.resume is None or Path(self.resume).is_dir(), "resume", f"state folder {self.resume} not found"
-        )
+        if self.resume is not None:
+            from lorakit_ext.train.state import check_state_folder
+
+            check_state_folder(self.resume)
         if self.cache_text_encoder_outputs and self.trains_text_encoder():
             raise LorakitError(
                 "cache_text_encoder_outputs needs a frozen text encoder: "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_option
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.networks.network import Network
 
@@ -66,6 +66,13 @@ def save_state(
     }
     safetensors_io.write_atomic(folder / STATE_FILE, [json.dumps(document, indent=1).encode()])
     return folder
+
+
+def check_state_folder(folder: str | Path) -> None:
+    """Refuse a ``resume`` folder that is not a state folder, before training (``load_state`` reads it later)."""
+    folder = Path(folder)
+    check_option(folder.is_dir(), "resume", f"state folder {folder} not found")
+    check_option((folder / STATE_FILE).is_file(), "resume:", f"{folder} is not a state folder (no {STATE_FILE})")
 
 
 def load_state(
