@@ -132,3 +132,12 @@ def test_a_resume_folder_that_holds_no_state_is_refused_by_the_dry_run(tmp_path,
     code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--resume", str(empty), "--dry-run"])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: resume: {empty} is not a state folder (no state.json)"
+
+
+def test_masked_loss_on_images_without_a_mask_is_named_in_the_warnings(tmp_path, dataset, capsys):
+    Image.new("RGBA", (64, 64), (0, 0, 255, 128)).save(dataset / "1_blue" / "0.png")  # its alpha is its mask
+    code = main(["train", "--train_data_dir", str(dataset), "--resolution", "64", "--masked_loss", "--dry-run"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [
+        f"masked_loss: 2 of 2 images in {dataset / '3_red'} have no mask (no mask_dir file, no alpha channel):"
+        " they train on every pixel"]

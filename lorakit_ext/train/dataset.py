@@ -109,6 +109,7 @@ class ConceptSummary:
     images: int
     captions: int  # images that have a caption file
     is_reg: bool
+    unmasked: int = 0  # with masked_loss: images with neither a mask file nor an alpha channel (trained everywhere)
     tag_frequency: dict[str, int] = field(default_factory=dict, compare=False)  # kohya's ss_tag_frequency entry
 
 
@@ -127,12 +128,16 @@ class DatasetSummary:
 
     def notes(self, default_caption: str | None) -> list[str]:
         """What the dataset holds that is allowed but probably not meant: images without a caption file, which then
-        train on their folder's name (kohya's class token), as no ``default_caption`` is set."""
+        train on their folder's name (kohya's class token), as no ``default_caption`` is set; with ``masked_loss``,
+        images without a mask, which train on every pixel."""
         notes = []
         for concept in self.concepts:
             if concept.captions < concept.images and not default_caption and concept.name:
                 notes.append(f"{concept.images - concept.captions} of {concept.images} images in {concept.path} have"
                              f" no caption file: they train on the folder's name {concept.name!r}")
+            if concept.unmasked:
+                notes.append(f"masked_loss: {concept.unmasked} of {concept.images} images in {concept.path} have no"
+                             " mask (no mask_dir file, no alpha channel): they train on every pixel")
         return notes
 
     def to_dict(self) -> dict:
@@ -333,9 +338,9 @@ def _scan_root(
         )
         if not images:
             raise LorakitError(f"{option} {folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        records, captioned = [], []
+        records, captioned, unmasked = [], [], 0
         for path in images:
-            size = _image_size(path)
+            size, has_alpha = _image_size(path)
             if size is None:
                 broken.append(path)
                 continue
@@ -345,13 +350,15 @@ def _scan_root(
             else:
                 caption = config.default_caption or name
             mask_path = _mask_path(path, config.mask_dir) if config.masked_loss else None
+            if config.masked_loss and mask_path is None and not has_alpha:
+                unmasked += 1
             records.append(ImageRecord(path, caption, size, placement(size), is_reg, mask_path))
         for record in records:
             if min(record.placement.bucket) < LATENT_FACTOR:
                 width, height = record.size
                 raise LorakitError(f"{record.path}: {width}x{height} is too small for bucket_reso_steps")
         summary = ConceptSummary(
-            name, str(folder), repeats, len(images), len(captioned), is_reg, tag_frequency(captioned)
+            name, str(folder), repeats, len(images), len(captioned), is_reg, unmasked, tag_frequency(captioned)
         )
         concepts.append((summary, records))
     if broken:
@@ -361,17 +368,23 @@ def _scan_root(
     return concepts
 
 
-def _image_size(path: Path) -> Size | None:
-    """(w, h) as the image is displayed (EXIF orientation applied); None when the file is not a readable image."""
+def _image_size(path: Path) -> tuple[Size | None, bool]:
+    """(w, h) as the image is displayed (EXIF orientation applied), None when the file is not a readable image; and
+    whether it has an alpha channel (``masked_loss``'s mask when no mask file is given)."""
     try:
         with Image.open(path) as image:
             image.verify()  # checks the file's structure; the image cannot be used after it
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(EXIF_ORIENTATION)
+            has_alpha = _has_alpha(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None
-    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
+        return None, False
+    return ((height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)), has_alpha
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def _mask_path(image_path: Path, mask_dir: str | None) -> Path | None:
@@ -394,7 +407,7 @@ def _load(record: ImageRecord, masked_loss: bool) -> tuple[Image.Image, Image.Im
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise LorakitError(f"{record.path}: unreadable image ({error})") from None
-    has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+    has_alpha = _has_alpha(image)
     rgba = image.convert("RGBA")
     if not masked_loss:
         return rgba.convert("RGB"), None
