@@ -43,6 +43,17 @@ def test_strings_from_cli_and_ui_are_coerced():
         ({"learnig_rate": 1.0}, "unknown option 'learnig_rate' (did you mean 'learning_rate'?)"),
         ({"network_dim": "four"}, "network_dim = 'four' is not a valid int"),
         ({"train_batch_size": 1.5}, "train_batch_size = 1.5 is not a valid int"),
+        # what JSON and TOML can send: non-finite numbers, booleans, lists and unclosed literals are no values
+        ({"max_train_steps": float("inf")}, "max_train_steps = inf is not a valid int"),
+        ({"max_train_steps": "1e400"}, "max_train_steps = '1e400' is not a valid int"),
+        ({"resolution": float("inf")}, "resolution = inf is not a valid tuple"),
+        ({"network_alpha": float("inf")}, "network_alpha = inf is not a valid float"),
+        ({"learning_rate": float("nan")}, "learning_rate = nan is not a valid float"),
+        ({"max_train_steps": True}, "max_train_steps = True is not a valid int"),
+        ({"cache_latents": 5}, "cache_latents = 5 is not a valid bool"),
+        ({"output_name": ["x"]}, "output_name = ['x'] is not a valid str"),
+        ({"network_args": "["}, "network_args = '[' is not a valid list"),
+        ({"network_args": "[" * 100000}, "network_args = '" + "[" * 56 + "... is not a valid list"),
     ],
 )
 def test_bad_values_are_refused_by_name(values, message):
@@ -60,6 +71,10 @@ def test_bad_values_are_refused_by_name(values, message):
         ("network_dropout", 1.0, "network_dropout must be in [0, 1)"),
         ("resume", "/no/such/state", "resume state folder /no/such/state not found"),
         ("sample_every_n_steps", 10, "sample_prompts is needed"),
+        ("network_dim", 10**9, "network_dim must be between 1 and 4096"),
+        ("conv_dim", 5000, "conv_dim must be between 0 and 4096"),
+        ("seed", 10**30, "seed must be between 0 and 4294967295"),
+        ("optimizer_type", "this.Optimizer", "optimizer_type this.Optimizer: a dotted class must come from torch,"),
     ],
 )
 def test_validate_names_the_option(tmp_path, option, value, fragment):
@@ -283,3 +298,16 @@ def test_cached_latents_with_flips_get_no_false_warning():
     caveat does not apply): no warning says otherwise."""
     notes = TrainConfig(cache_latents=True, flip_aug=True).warnings()
     assert not [n for n in notes if "flip" in n]
+
+
+def test_a_dotted_optimizer_outside_the_known_packages_is_refused_without_importing_it(tmp_path):
+    """Importing a module runs its code, and the name can come over HTTP."""
+    import subprocess
+    import sys
+
+    code = (f"from lorakit_ext.train.config import TrainConfig; import sys\n"
+            f"(__import__('pathlib').Path({str(tmp_path)!r}) / '1_x').mkdir()\n"
+            f"try: TrainConfig(train_data_dir={str(tmp_path)!r}, optimizer_type='this.X').validate()\n"
+            "except Exception as error: print(type(error).__name__, 'this' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "LorakitError False"

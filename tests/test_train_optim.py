@@ -30,7 +30,9 @@ def test_named_optimizers_build_with_group_lrs(name, cls):
 
 
 def test_unusable_optimizers_say_why():
-    with pytest.raises(LorakitError, match="optimizer_type no_such_pkg.Opt needs the no_such_pkg package"):
+    with pytest.raises(LorakitError, match="optimizer_type came_pytorch.CAME needs the came_pytorch package"):
+        optim.optimizer_class("came_pytorch.CAME")
+    with pytest.raises(LorakitError, match="optimizer_type no_such_pkg.Opt: a dotted class must come from torch, "):
         optim.optimizer_class("no_such_pkg.Opt")
     with pytest.raises(LorakitError, match="is not a torch optimizer class"):
         optim.optimizer_class("torch.nn.Linear")

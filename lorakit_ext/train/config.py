@@ -28,6 +28,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("euler", "ddim")
 NUM_TRAIN_TIMESTEPS = 1000
+MAX_RANK = 4096  # above every SD1/SD2/SDXL layer's width, where more rank adds nothing but memory
 
 
 def _option(section: str, help_text: str, default: Any, **kwargs) -> Any:
@@ -187,10 +188,11 @@ class TrainConfig:
         """Raise ``LorakitError`` naming the first bad option; returns self so calls chain."""
         self.dataset_config().validate()
         check_option(self.network_algo_resolved() in ALGOS, "network_algo", f"must be one of {', '.join(ALGOS)}")
-        check_option(self.network_dim > 0, "network_dim", "must be positive")
+        check_option(0 < self.network_dim <= MAX_RANK, "network_dim", f"must be between 1 and {MAX_RANK}")
         check_option(self.network_alpha > 0, "network_alpha", "must be positive")
         conv_dim, _ = self.conv_resolved()
-        check_option(conv_dim is None or conv_dim >= 0, "conv_dim", "must be 0 or more")
+        check_option(conv_dim is None or 0 <= conv_dim <= MAX_RANK, "conv_dim", f"must be between 0 and {MAX_RANK}")
+        check_option(0 <= self.seed < 2**32, "seed", f"must be between 0 and {2**32 - 1}")
         for name, value in zip(("network_dropout", "rank_dropout", "module_dropout"), self.dropouts_resolved()):
             check_option(0 <= value < 1, name, "must be in [0, 1)")
         check_option(self.learning_rate > 0, "learning_rate", "must be positive")
@@ -200,13 +202,9 @@ class TrainConfig:
         check_option(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be 0 or more")
         check_option(self.lr_scheduler_num_cycles >= 1, "lr_scheduler_num_cycles", "must be at least 1")
         check_option(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more")
-        check_option(
-            self.optimizer_type in OPTIMIZERS or "." in self.optimizer_type,
-            "optimizer_type",
-            f"must be one of {', '.join(OPTIMIZERS)} or a dotted class name like torch.optim.SGD",
-        )
-        from lorakit_ext.train.optim import parse_optimizer_args
+        from lorakit_ext.train.optim import check_optimizer_name, parse_optimizer_args
 
+        check_optimizer_name(self.optimizer_type)
         parse_optimizer_args(self.optimizer_args)
         check_option(self.max_train_steps > 0, "max_train_steps", "must be positive")
         check_option(self.max_train_epochs is None or self.max_train_epochs > 0, "max_train_epochs", "must be positive")
@@ -367,17 +365,33 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(value, bool) or isinstance(value, (list, tuple, dict)):  # true is no number, [1] no text
+            raise TypeError(value)
         if kind is int:
-            number = float(value)
-            if number != int(number):
+            if isinstance(value, int):
+                return value
+            number = float(value)  # "1e3" and 1000.0 are 1000; 1.5, nan and inf are no int
+            if not math.isfinite(number) or number != int(number):
                 raise ValueError(value)
             return int(number)
         if kind is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # no option means anything at inf or nan; each check below assumes finite
+                raise ValueError(value)
+            return number
         return str(value)
-    except (TypeError, ValueError):
-        raise LorakitError(f"{source}: {name} = {value!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    # a list literal too deep or unclosed raises SyntaxError / RecursionError / MemoryError in ast.literal_eval
+    except (TypeError, ValueError, OverflowError, SyntaxError, RecursionError, MemoryError):
+        raise LorakitError(f"{source}: {name} = {_shown(value)} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut for a one-line message (a request may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolution(value: Any) -> tuple[int, int]:

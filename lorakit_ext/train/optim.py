@@ -41,8 +41,28 @@ def parse_optimizer_args(items: Iterable[str]) -> dict[str, object]:
     return kwargs
 
 
+# the packages a dotted optimizer_type may name: importing a module runs its code, and the name can come over HTTP
+OPTIMIZER_PACKAGES = (
+    "torch", "bitsandbytes", "lion_pytorch", "prodigyopt", "dadaptation", "transformers", "torch_optimizer",
+    "pytorch_optimizer", "came_pytorch", "schedulefree",
+)
+
+
+def check_optimizer_name(name: str) -> None:
+    """Refuse an ``optimizer_type`` that is neither a kohya name nor a dotted class in ``OPTIMIZER_PACKAGES``,
+    without importing anything."""
+    if name in OPTIMIZER_CLASSES:
+        return
+    if "." not in name:
+        raise LorakitError(f"optimizer_type must be one of {', '.join(OPTIMIZER_CLASSES)} or a dotted class name like"
+                           " torch.optim.SGD")
+    if name.split(".")[0] not in OPTIMIZER_PACKAGES:
+        raise LorakitError(f"optimizer_type {name}: a dotted class must come from {', '.join(OPTIMIZER_PACKAGES)}")
+
+
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The class for a kohya optimizer name or a dotted ``module.Class`` path."""
+    """The class for a kohya optimizer name or a dotted ``module.Class`` path (``check_optimizer_name``)."""
+    check_optimizer_name(name)
     module_name, class_name, package = OPTIMIZER_CLASSES.get(name, (*name.rsplit(".", 1), name.split(".")[0]))
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -11,18 +11,24 @@ from pathlib import Path
 from lorakit_ext.errors import LorakitError
 
 NETWORK_SUFFIX = ".safetensors"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+_UNSAFE = re.compile(r"[^\w. -]+")  # letters and digits of any script stay: names are often not English
+MAX_NAME_BYTES = 200  # of UTF-8, under the 255 most file systems allow, leaving room for "-000004.safetensors"
 
 
 def sanitize_name(name: str, option: str = "output_name") -> str:
-    """A file stem safe on every OS: no separators, no leading dots, no reserved characters."""
+    """A file stem safe on every OS: no separators, no leading dots, no reserved characters. A name with no letter
+    or digit left, or too long, is refused rather than cut or blanked, since two such names would share one file."""
+    if not isinstance(name, str):
+        raise LorakitError(f"{option}: expected a name, got {name!r}")
     stem = name.strip()
     if stem.lower().endswith(NETWORK_SUFFIX):
         stem = stem[: -len(NETWORK_SUFFIX)]
     stem = _UNSAFE.sub("_", stem).strip(" .")
-    if not stem:
-        raise LorakitError(f"{option}: {name!r} is not a usable file name")
-    return stem[:120]
+    if not re.search(r"[^\W_]", stem):
+        raise LorakitError(f"{option}: {name!r} is not a usable file name (no letter or digit)")
+    if len(stem.encode("utf-8")) > MAX_NAME_BYTES:
+        raise LorakitError(f"{option}: the name is longer than {MAX_NAME_BYTES} bytes of UTF-8")
+    return stem
 
 
 def output_path(root: Path, name: str, folder: str | Path = "", option: str = "output_name") -> Path:
