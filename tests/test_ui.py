@@ -105,6 +105,13 @@ def test_merge_rows_and_toml_options():
         tabs.toml_options("steps = = 3")
 
 
+def test_merge_request_built_by_the_tab_is_checked_too():
+    """The Merge tab builds a ``MergeRequest`` itself (a ratio cell can read "nan"): its fields are checked alike."""
+    with pytest.raises(LorakitError, match="^ratios: nan is not a finite number$"):
+        operations.MergeRequest(models=["a"], ratios=[float("nan")])
+    assert operations.MergeRequest(models=["a"], ratios=[1], new_rank=2.0).ratios == [1.0]
+
+
 def test_lora_tag_rewriting():
     assert xyz.set_lora_weight("cat <lora:a:1> <lora:b:0.2>", "b", 0.75) == "cat <lora:a:1> <lora:b:0.75>"
     assert xyz.set_lora_weight("cat", "a", 1.5) == "cat <lora:a:1.5>"

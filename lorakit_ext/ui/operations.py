@@ -8,15 +8,16 @@ sanitized names, inputs that exist. Each operation's ``run`` returns a JSON-read
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
 from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats.safetensors_io import check_save_to, file_sha256, lora_short_hash, write_atomic
-from lorakit_ext.train.config import TrainConfig
+from lorakit_ext.train.config import TrainConfig, unwrap_optional
 from lorakit_ext.ui import paths
 from lorakit_ext.ui.host import Host
 from lorakit_ext.ui.jobs import Operation
@@ -25,6 +26,37 @@ MERGE_MODES: tuple[str, ...] = ("merge", "resize", "extract", "merge_into")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}  # the training config's names
 SAVE_PRECISIONS = tuple(SAVE_DTYPES)
 SLIDER_METHODS = ("copier", "difference", "paired")
+
+
+# --- checking values -----------------------------------------------------------------------------------------------
+
+
+def clipped(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters: an error line names what was given, it does not echo a request."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def checked(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the ``hint`` (bool, str, int, float, a list of one of those; ``X | None`` lets None through), or a
+    one-line error naming ``name``. Strict, unlike the CLI's string parsing (``TrainConfig``): JSON and gradio hand
+    typed values, so "false" is no bool and "2" no int; only an int given as a whole float (JSON, gradio) is taken."""
+    kind = unwrap_optional(hint)
+    if value is None and kind is not hint:
+        return None
+    if get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise LorakitError(f"{name}: expected a list of {get_args(kind)[0].__name__}, got {clipped(repr(value))}")
+        return [checked(name, item, get_args(kind)[0]) for item in value]
+    if kind in (int, float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LorakitError(f"{name}: {value} is not a finite number")
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = fits and (kind is float or value == int(value))
+    else:
+        fits = isinstance(value, kind)
+    if not fits:
+        raise LorakitError(f"{name}: expected {kind.__name__}, got {clipped(repr(value))}")
+    return kind(value)
 
 
 # --- training ------------------------------------------------------------------------------------------------------
@@ -94,6 +126,11 @@ class MergeRequest:
     save_precision: str = "fp16"
     output_name: str = "merged"
     output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        """Every field checked for its type (``checked``), however the request was built: a JSON body or the tab."""
+        for name, hint in get_type_hints(type(self)).items():
+            setattr(self, name, checked(name, getattr(self, name), hint))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MergeRequest:
@@ -258,14 +295,7 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         value = options.pop(name)
         if value is None or value == "":
             continue
-        if kind in (bool, str):
-            fits = isinstance(value, kind)
-        else:  # a number: JSON and gradio give ints as floats too, but not booleans
-            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
-            fits = fits and (kind is float or value == int(value))
-        if not fits:
-            raise LorakitError(f"{name}: expected {kind.__name__}, got {value!r}")
-        own[name] = kind(value)
+        own[name] = checked(name, value, kind)
     for name in options:  # in the request's order: the first one is named
         owners = [other for other, names in METHOD_OPTIONS.items() if name in names]
         if owners:
@@ -285,14 +315,16 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     from lorakit_ext.slider.report import SweepSettings, default_prompts, report_paths
 
     options = dict(values)
-    a_dir = paths.existing_dir(str(options.pop("a", "")), "a")
-    b_dir = paths.existing_dir(str(options.pop("b", "")), "b")
-    masked = bool(options.pop("masked", False))
-    with_report = bool(options.pop("report", True))
+    a_dir = paths.existing_dir(checked("a", options.pop("a", ""), str), "a")
+    b_dir = paths.existing_dir(checked("b", options.pop("b", ""), str), "b")
+    masked = checked("masked", options.pop("masked", False), bool)
+    with_report = checked("report", options.pop("report", True), bool)
     own = method_options(method, options)
     check_options(method, own)
-    folder = str(options.pop("output_dir", "") or host.output_dir())
-    out = paths.output_path(host.lora_root(), str(options.pop("output_name", "slider")), folder)
+    if "reuse_a" in own and "keep_a" in own:
+        raise LorakitError("keep_a: A is reused (reuse_a), so there is no trained A to keep")
+    folder = checked("output_dir", options.pop("output_dir", ""), str) or host.output_dir()
+    out = paths.output_path(host.lora_root(), checked("output_name", options.pop("output_name", "slider"), str), folder)
     # LoRA A: reused from the Lora list (a name or a file), or kept beside the output under a name of its own
     if "reuse_a" in own:
         own["reuse_a"] = resolve_network(own["reuse_a"], host.list_networks(), "reuse_a")
@@ -313,9 +345,10 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
         result = run_method(method, pair_set, config, adapter, out, settings, masked=masked or config.masked_loss,
                             report=report, token=token, **own)
         grid, numbers = report_paths(out)
+        written = [*([result.kept_a] if result.kept_a else []), *result.saved]  # A first: it was trained first
         return {
             **result.summary(),
-            **file_result(result.output, [path for path in result.saved if path.is_file()]),
+            **file_result(result.output, [path for path in written if path.is_file()]),
             "report_grid": str(grid) if grid.is_file() else None,
             "report_json": str(numbers) if numbers.is_file() else None,
         }
