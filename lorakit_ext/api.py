@@ -1,10 +1,10 @@
 """The ``/lorakit/v1`` HTTP API, mounted by the WebUI (``on_app_started``) and by the standalone app alike.
 
-POST ``train`` / ``copier`` / ``difference`` / ``merge`` take the same options the CLI takes (kohya names for
-training, the merge verbs' flag names for merges) and answer ``{"id": ...}``; GET ``jobs`` and ``jobs/{id}``
-report progress and results; POST ``jobs/{id}/stop`` (``?cancel=true`` to save nothing). One job at a time: a
-second answers 409. Errors are ``{"error": "one line"}`` with 400 (bad input), 404 or 409. Written for fastapi
-0.94 / pydantic 1, the WebUI's.
+POST ``train`` / ``copier`` / ``difference`` / ``slider`` (paired) / ``merge`` take the same options the CLI takes
+(kohya names for training, the merge verbs' flag names for merges) as a JSON object and answer ``{"id": ...}``;
+GET ``jobs`` and ``jobs/{id}`` report progress and results; POST ``jobs/{id}/stop`` (``?cancel=true`` to save
+nothing). One job at a time: a second answers 409. Errors are ``{"error": "one line"}`` with 400 (bad input), 404
+or 409. Written for fastapi 0.94 / pydantic 1, the WebUI's.
 
 Given credentials (the WebUI's ``--api-auth``), every route asks for HTTP Basic auth and answers 401 otherwise,
 the check ``modules/api/api.py`` puts on ``/sdapi/v1`` (WebUI 1.10).
@@ -12,10 +12,12 @@ the check ``modules/api/api.py`` puts on ``/sdapi/v1`` (WebUI 1.10).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from secrets import compare_digest
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
@@ -32,6 +34,47 @@ def error_status(error: LorakitError) -> int:
     if isinstance(error, UnknownJob):
         return 404
     return 400
+
+
+@dataclass(frozen=True)
+class RawBody:
+    """A request's body as sent. The routes parse it themselves so that every bad body is a 400 ``{"error"}``:
+    FastAPI's own check answers 422 with the body echoed back, and pydantic 1 takes a list of pairs for an object."""
+
+    content_type: str
+    data: bytes
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object. Only ``application/json``: a browser page of another site can send text/plain
+        to a local port without asking first, but not JSON."""
+        if self.content_type.partition(";")[0].strip().lower() != "application/json":
+            raise LorakitError("the request body must be a JSON object (Content-Type: application/json)")
+        try:
+            value = json.loads(self.data) if self.data.strip() else None
+        except ValueError as error:  # UnicodeDecodeError too
+            raise LorakitError(f"the request body is not valid JSON: {error}") from None
+        if not isinstance(value, dict):
+            raise LorakitError("the request body must be a JSON object")
+        return value
+
+
+async def raw_body(request: Request) -> RawBody:
+    return RawBody(request.headers.get("content-type", ""), await request.body())
+
+
+def json_body(description: str) -> dict:
+    """The OpenAPI ``requestBody`` of a route that reads ``RawBody``: a JSON object, described."""
+    schema = {"type": "object", "description": description}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def query_flag(name: str, value: str) -> bool:
+    """A true/false query parameter (FastAPI's own bool answers a 422)."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise LorakitError(f"{name}: expected true or false, got {operations.clipped(repr(value))}")
 
 
 def parse_credentials(api_auth: str) -> dict[str, str]:
@@ -72,25 +115,39 @@ def build_router(manager: JobManager, credentials: dict[str, str] | None = None)
     def submit(build) -> Any:
         return answer(lambda: {"id": manager.submit(build()).id})
 
-    @router.post("/train")
-    def train(config: dict = Body(..., description="TrainConfig options (kohya names), as the CLI's TOML")):
-        return submit(lambda: operations.train_operation(operations.train_config(config, host)))
+    def find(job_id: str):
+        """The job; an unknown id is cut in the 404, which would otherwise echo whatever the path held."""
+        try:
+            return manager.get(job_id)
+        except UnknownJob:
+            raise UnknownJob(f"no job {operations.clipped(job_id)}") from None
 
-    @router.post("/copier")
-    def copier(config: dict = Body(...)):
-        return submit(lambda: operations.slider_operation("copier", config, host))
+    slider_body = ("a, b (folders of A and B images), output_name, output_dir, masked, report, the method's own "
+                   "options and training options (kohya names)")
 
-    @router.post("/difference")
-    def difference(config: dict = Body(...)):
-        return submit(lambda: operations.slider_operation("difference", config, host))
+    @router.post("/train", openapi_extra=json_body("TrainConfig options (kohya names), as the CLI's TOML"))
+    def train(body: RawBody = Depends(raw_body)):
+        return submit(lambda: operations.train_operation(operations.train_config(body.json_object(), host)))
 
-    @router.post("/merge")
-    def merge(request: dict = Body(..., description="MergeRequest: mode, models, ratios, new_rank, ...")):
-        return submit(lambda: operations.merge_operation(operations.MergeRequest.from_dict(request), host))
+    @router.post("/copier", openapi_extra=json_body(slider_body))
+    def copier(body: RawBody = Depends(raw_body)):
+        return submit(lambda: operations.slider_operation("copier", body.json_object(), host))
 
-    @router.post("/dataset")
-    def dataset(config: dict = Body(..., description="the dataset options of a TrainConfig")):
-        return answer(lambda: operations.dataset_preview(config))
+    @router.post("/difference", openapi_extra=json_body(slider_body))
+    def difference(body: RawBody = Depends(raw_body)):
+        return submit(lambda: operations.slider_operation("difference", body.json_object(), host))
+
+    @router.post("/slider", openapi_extra=json_body(f"the paired method (the CLI's slider verb): {slider_body}"))
+    def slider(body: RawBody = Depends(raw_body)):
+        return submit(lambda: operations.slider_operation("paired", body.json_object(), host))
+
+    @router.post("/merge", openapi_extra=json_body("MergeRequest: mode, models, ratios, new_rank, ..."))
+    def merge(body: RawBody = Depends(raw_body)):
+        return submit(lambda: operations.merge_operation(operations.MergeRequest.from_dict(body.json_object()), host))
+
+    @router.post("/dataset", openapi_extra=json_body("the dataset options of a TrainConfig"))
+    def dataset(body: RawBody = Depends(raw_body)):
+        return answer(lambda: operations.dataset_preview(body.json_object()))
 
     @router.get("/networks")
     def networks():
@@ -102,11 +159,11 @@ def build_router(manager: JobManager, credentials: dict[str, str] | None = None)
 
     @router.get("/jobs/{job_id}")
     def job(job_id: str):
-        return answer(lambda: manager.get(job_id).snapshot())
+        return answer(lambda: find(job_id).snapshot())
 
     @router.post("/jobs/{job_id}/stop")
-    def stop(job_id: str, cancel: bool = False):
-        return answer(lambda: manager.stop(job_id, cancel=cancel).snapshot())
+    def stop(job_id: str, cancel: str = Query("false", description="true: end without saving")):
+        return answer(lambda: manager.stop(find(job_id).id, cancel=query_flag("cancel", cancel)).snapshot())
 
     return router
 

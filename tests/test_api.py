@@ -194,6 +194,7 @@ def test_slider_routes_take_the_methods_own_options(client):
     snapshot = wait_done(http, response.json()["id"], timeout=300)
     kept = Path(snapshot["result"]["output"]).with_name("first_a.safetensors")
     assert snapshot["status"] == "done" and kept.is_file(), snapshot
+    assert snapshot["result"]["files"] == [str(kept), snapshot["result"]["output"]]  # the job lists A it kept
     response = http.post("/lorakit/v1/copier", json={**pairs, "verify_seeds": 1, "output_name": "second",
                                                       "reuse_a": "first_a"})
     snapshot = wait_done(http, response.json()["id"], timeout=300)
@@ -224,3 +225,118 @@ def test_merge_into_writes_a_new_checkpoint_beside_the_models(client):
     config = written.with_suffix(".yaml")  # the WebUI builds a checkpoint from the config beside it
     assert config.read_bytes() == CHECKPOINT_PATH.with_suffix(".yaml").read_bytes()
     assert snapshot["result"]["files"] == [str(written), str(config)]
+
+
+ROUTES = ("train", "copier", "difference", "slider", "merge", "dataset")
+
+
+@pytest.mark.parametrize(
+    "content, content_type, message",
+    [
+        ("{bad json", "application/json",
+         "the request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+         "(char 1)"),
+        ("[1,2]", "application/json", "the request body must be a JSON object"),
+        ('"str"', "application/json", "the request body must be a JSON object"),
+        ("null", "application/json", "the request body must be a JSON object"),
+        ("", "application/json", "the request body must be a JSON object"),
+        ('[["train_data_dir","/x"],["resolution",64]]', "application/json", "the request body must be a JSON object"),
+        ('{"models": ["first"]}', "text/plain",
+         "the request body must be a JSON object (Content-Type: application/json)"),
+    ],
+)
+def test_bodies_must_be_json_objects(client, content, content_type, message):
+    http, manager, _ = client
+    for route in ROUTES:
+        response = http.post(f"/lorakit/v1/{route}", content=content, headers={"Content-Type": content_type})
+        assert (response.status_code, response.json()) == (400, {"error": message}), route
+    assert manager.records() == []
+
+
+def test_stop_refuses_a_cancel_that_is_not_a_flag_and_long_ids_are_cut(client):
+    http, manager, _ = client
+    record = manager.submit(Operation("merge", "quick job", lambda adapter, report, token: {"files": []},
+                                      needs_model=False))
+    response = http.post(f"/lorakit/v1/jobs/{record.id}/stop", params={"cancel": "maybe"})
+    assert (response.status_code, response.json()) == (400, {"error": "cancel: expected true or false, got 'maybe'"})
+    assert wait_done(http, record.id)["status"] == "done"
+    assert http.post(f"/lorakit/v1/jobs/{record.id}/stop", params={"cancel": "true"}).status_code == 200
+    response = http.get("/lorakit/v1/jobs/" + "x" * 10000)
+    assert (response.status_code, response.json()) == (404, {"error": "no job " + "x" * 40 + "..."})
+    body = http.get("/openapi.json").json()["paths"]["/lorakit/v1/merge"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"]["type"] == "object"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"models": null}', "models: expected a list of str, got None"),
+        ('{"models": [1]}', "models: expected str, got 1"),
+        ('{"models": "nd4"}', "models: expected a list of str, got 'nd4'"),
+        ('{"models": ["first"], "new_rank": "2"}', "new_rank: expected int, got '2'"),
+        ('{"models": ["first"], "new_rank": 2.5}', "new_rank: expected int, got 2.5"),
+        ('{"models": ["first"], "new_rank": NaN}', "new_rank: nan is not a finite number"),
+        ('{"models": ["first"], "new_rank": Infinity}', "new_rank: inf is not a finite number"),
+        ('{"models": ["first"], "new_rank": true}', "new_rank: expected int, got True"),
+        ('{"models": ["first"], "clamp_quantile": "0.5"}', "clamp_quantile: expected float, got '0.5'"),
+        ('{"models": ["first"], "dynamic": 5}', "dynamic: expected str, got 5"),
+        ('{"models": ["first"], "output_name": null}', "output_name: expected str, got None"),
+        ('{"models": ["first"], "output_dir": 5}', "output_dir: expected str, got 5"),
+        ('{"mode": "extract", "base": null, "tuned": 5}', "base: expected str, got None"),
+        ('{"models": ["first"], "ratios": "1"}', "ratios: expected a list of float, got '1'"),
+        ('{"models": ["first"], "ratios": [NaN]}', "ratios: nan is not a finite number"),
+        ('{"models": ["' + "x" * 100 + '", 2]}', "models: expected str, got 2"),
+        ('{"dynamic": ["' + "x" * 100 + '"]}', "dynamic: expected str, got ['" + "x" * 38 + "..."),  # cut
+    ],
+)
+def test_merge_fields_are_type_checked(client, body, message):
+    http, manager, _ = client
+    response = http.post("/lorakit/v1/merge", content=body, headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (400, {"error": message})
+    assert manager.records() == []
+
+
+@pytest.fixture
+def pairs(client):
+    from lorakit_ext.slider.demo import toy_pair_set
+
+    _, _, tmp_path = client
+    toy_pair_set(tmp_path / "pairs", ("white",))
+    return {"a": str(tmp_path / "pairs" / "A"), "b": str(tmp_path / "pairs" / "B"), "report": False,
+            "max_train_steps": 1}
+
+
+@pytest.mark.parametrize(
+    "route, options, message",
+    [
+        ("copier", '"ensemble": Infinity', "ensemble: inf is not a finite number"),
+        ("copier", '"ensemble": NaN', "ensemble: nan is not a finite number"),
+        ("copier", '"verify_seeds": 1e400', "verify_seeds: inf is not a finite number"),
+        ("difference", '"rank": Infinity', "rank: inf is not a finite number"),
+        ("copier", '"masked": "false"', "masked: expected bool, got 'false'"),
+        ("difference", '"report": "false"', "report: expected bool, got 'false'"),
+        ("copier", '"output_name": null', "output_name: expected str, got None"),
+        ("difference", '"output_name": ["x"]', "output_name: expected str, got ['x']"),
+        ("copier", '"reuse_a": "first", "keep_a": "kept"',
+         "keep_a: A is reused (reuse_a), so there is no trained A to keep"),
+        ("slider", '"ensemble": 2', "ensemble: an option of the copier method, not of paired"),
+        ("slider", '"weight": -1', "--weight must be a positive number, got -1.0"),
+    ],
+)
+def test_slider_options_are_type_checked(client, pairs, route, options, message):
+    http, manager, _ = client
+    body = json.dumps(pairs)[:-1] + ", " + options + "}"
+    response = http.post(f"/lorakit/v1/{route}", content=body, headers={"Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (400, {"error": message})
+    assert manager.records() == []
+
+
+def test_slider_route_trains_the_paired_method(client, pairs):
+    http, _, _ = client
+    response = http.post("/lorakit/v1/slider", json={**pairs, "weight": 2, "output_name": "paired"})
+    snapshot = wait_done(http, response.json()["id"], timeout=300)
+    assert snapshot["status"] == "done", snapshot
+    output = Path(snapshot["result"]["output"])
+    assert output.name == "paired.safetensors" and snapshot["result"]["files"] == [str(output)]
+    metadata = load_network(output).metadata
+    assert metadata["lorakit_slider_method"] == "paired" and metadata["lorakit_slider_weight"] == "2.0"
