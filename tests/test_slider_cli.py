@@ -99,6 +99,8 @@ def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_ru
          "error: --keep-a s.safetensors is the slider's own file (--out): give A another name"),
         (["--out", str(out), "--keep-a", str(tmp_path / "." / "s.safetensors")],
          "error: --keep-a s.safetensors is the slider's own file (--out): give A another name"),
+        (["--out", str(out), "--keep-a", str(tmp_path / "a.safetensors"), "--reuse-a", str(out)],
+         "error: --keep-a: A is reused (--reuse-a), so there is no trained A to keep"),
         (["--out", str(out), "--reuse-a", str(tmp_path / "nope.safetensors")],
          f"error: --reuse-a {tmp_path / 'nope.safetensors'}: no such file"),
     ]

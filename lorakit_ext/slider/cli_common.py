@@ -45,8 +45,7 @@ def run_verb(method: str, args: argparse.Namespace, **options) -> int:
     from lorakit_ext.train.job import Job
 
     check_options(method, options)
-    reuse_a = options.get("reuse_a")
-    check_files(args.out, options.get("keep_a") if reuse_a is None else None, reuse_a)
+    check_files(args.out, options.get("keep_a"), options.get("reuse_a"))
     pair_set = load_pairs(args.a, args.b, args.pairs, args.suffix, args.side_by_side)
     for name in pair_set.unmatched:
         print(f"warning: {name} has no partner and is left out", file=sys.stderr)

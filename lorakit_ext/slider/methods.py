@@ -128,6 +128,8 @@ def check_files(out: str | Path, keep_a: str | Path | None = None, reuse_a: str 
     for flag, path in (("--out", out), ("--keep-a", keep_a)):
         if path is not None:
             _check_writable(flag, Path(path))
+    if keep_a is not None and reuse_a is not None:
+        raise LorakitError("--keep-a: A is reused (--reuse-a), so there is no trained A to keep")
     if keep_a is not None and Path(keep_a).resolve() == out.resolve():
         raise LorakitError(f"--keep-a {Path(keep_a).name} is the slider's own file (--out): give A another name")
     if reuse_a is not None:
@@ -254,7 +256,7 @@ def copier(
     from lorakit_ext.train.trainer import SAVE_DTYPES, TrainHooks
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
-    check_files(out, keep_a if reuse_a is None else None, reuse_a)
+    check_files(out, keep_a, reuse_a)
     check_options("copier", {"ensemble": ensemble, "anchor": anchor, "verify_seeds": verify_seeds})
     result = SliderResult("copier", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-copier-") as temp:
@@ -262,7 +264,7 @@ def copier(
         a_path = _lora_a(config, adapter, pair_set, work, reuse_a, keep_a, report, token, masked=False)
         if a_path is None:
             return dataclasses.replace(result, stopped=True)
-        result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
+        result.kept_a = Path(keep_a) if keep_a is not None else None
         weights_a = load_network(a_path)
         seeds = list(range(config.seed, config.seed + verify_seeds))
         result.copy_similarity = copy_similarity(adapter, weights_a, pair_set, seeds, config)
@@ -402,7 +404,7 @@ def difference(
     from lorakit_ext.train.trainer import SAVE_DTYPES
 
     out, report, token = Path(out), report or (lambda **_: None), token or StopToken()
-    check_files(out, keep_a if reuse_a is None else None, reuse_a)
+    check_files(out, keep_a, reuse_a)
     check_options("difference", {"rank": rank, "b_from_a": b_from_a, "anchor": anchor})
     result = SliderResult("difference", None)
     with tempfile.TemporaryDirectory(prefix="lorakit-difference-") as temp:
@@ -410,7 +412,7 @@ def difference(
         a_path = _lora_a(config, adapter, pair_set, work, reuse_a, keep_a, report, token, masked)
         if a_path is None:
             return dataclasses.replace(result, stopped=True)
-        result.kept_a = Path(keep_a) if keep_a is not None and reuse_a is None else None
+        result.kept_a = Path(keep_a) if keep_a is not None else None
         b_path = work / "lora_b.safetensors"
         start = load_network(a_path) if b_from_a else None
         pass_b = _overfit(config, adapter, pair_set, "b", b_path, work, report, token, masked, start, anchor)
