@@ -366,6 +366,13 @@ class LorakitTabs:
             anchor = gr.Number(value=0, minimum=0, label="anchor: hold B near its start (difference: with B from A)",
                                elem_id="lorakit_slider_anchor")
         with gr.Row():
+            rank = gr.Number(value=0, precision=0, minimum=0, elem_id="lorakit_slider_rank",
+                             label="difference: re-compress to this rank (0: exact, rank A + rank B)")
+            shuffle = gr.Checkbox(label="difference: shuffle the rank axis (hides which half came from which image)",
+                                  value=False, elem_id="lorakit_slider_shuffle")
+            weight = gr.Number(value=1.0, minimum=0, label="paired: the multiplier B is trained at (A at minus it)",
+                               elem_id="lorakit_slider_weight")
+        with gr.Row():
             reuse_a = gr.Textbox(label="copier / difference: reuse this LoRA A (Lora list name or file) instead of"
                                        " training one", elem_id="lorakit_slider_reuse_a")
             keep_a = gr.Textbox(label="copier / difference: keep the trained LoRA A under this name",
@@ -388,20 +395,23 @@ class LorakitTabs:
             return [(image, f"{pair.name} {label}") for pair in found.pairs
                     for image, label in ((pair.a, "A"), (pair.b, "B"), (difference_image(pair), "|B-A|"))]
 
-        def on_start(task, kind, a, b, name, mask, report, runs, from_a, hold, reused, kept, option_text):
+        def on_start(task, kind, a, b, name, mask, report, runs, from_a, hold, new_rank, shuffled, multiplier, reused,
+                     kept, option_text):
             def build():
                 values = {**toml_options(option_text), "a": a, "b": b, "output_name": name, "masked": mask,
                           "report": report}
                 lora_a = {"reuse_a": reused.strip(), "keep_a": kept.strip()}
+                compressed = {"rank": int(new_rank)} if new_rank else {}
                 own = {"copier": {"ensemble": runs, "anchor": hold, **lora_a},
-                       "difference": {"b_from_a": from_a, "anchor": hold, **lora_a}}
-                values.update(own.get(kind, {}))
+                       "difference": {"b_from_a": from_a, "anchor": hold, "shuffle": shuffled, **compressed, **lora_a},
+                       "paired": {"weight": multiplier}}
+                values.update(own[kind])
                 return operations.slider_operation(kind, values, self.host)
             yield from self.start(task, build)
 
         preview.click(on_preview, inputs=[folder_a, folder_b], outputs=[pairs])
         start.click(on_start, inputs=[task_id, method, folder_a, folder_b, output_name, masked, with_report, ensemble,
-                                      b_from_a, anchor, reuse_a, keep_a, options],
+                                      b_from_a, anchor, rank, shuffle, weight, reuse_a, keep_a, options],
                     outputs=outputs, _js="lorakit_start_slider" if self.host.native_progress else None)
 
     # --- Merge ----------------------------------------------------------------------------------------------------

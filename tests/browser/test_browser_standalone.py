@@ -194,3 +194,38 @@ def test_copier_previews_pairs_and_saves_a_slider(page, app):
     assert (host.output_dir() / "browser_copier.safetensors").is_file()
     assert read_metadata(host.output_dir() / "browser_copier.safetensors")["lorakit_slider_anchor"] == "0.001"
     assert (host.output_dir() / "browser_a.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method, fields, metadata", [
+    ("paired", [("#lorakit_slider_weight input", "2")], {"lorakit_slider_weight": "2.0"}),
+    ("difference", [("#lorakit_slider_rank input", "3")], {"ss_network_dim": "3", "lorakit_slider_shuffled": "True"}),
+])
+def test_the_paired_and_difference_fields_reach_the_job(page, app, method, fields, metadata):
+    """paired's weight, difference's re-compression rank and shuffle: the tab passes them, the file records them."""
+    from lorakit_ext.slider.demo import toy_pair_set
+
+    _, host, root = app
+    toy_pair_set(root / "pairs")
+    open_tab(page, "Copier/Difference")
+    page.locator("#lorakit_slider_method label", has_text=method).click()
+    page.locator("#lorakit_slider_a textarea").fill(str(root / "pairs" / "A"))
+    page.locator("#lorakit_slider_b textarea").fill(str(root / "pairs" / "B"))
+    page.locator("#lorakit_slider_output_name textarea").fill(f"browser_{method}")
+    page.locator("#lorakit_slider_report input").uncheck()
+    page.locator("#lorakit_slider_keep_a textarea").fill("")  # the copier test's own fields, back to the defaults
+    page.locator("#lorakit_slider_anchor input").fill("0")
+    for selector, value in fields:
+        page.locator(selector).fill(value)
+    if method == "difference":
+        page.locator("#lorakit_slider_shuffle input").check()
+    options = page.locator("#lorakit_slider_options .cm-content")
+    if not options.is_visible():
+        page.locator("#lorakit_slider_tab .label-wrap", has_text="Training options").click()
+    options.fill("max_train_steps = 1\nlearning_rate = 1e-3\n")
+    page.locator("#lorakit_slider_start").click()
+    page.wait_for_function(f"document.querySelector('#lorakit_slider_result textarea').value.includes('browser_{method}')",
+                           timeout=180_000)
+    result = page.locator("#lorakit_slider_result textarea").input_value()
+    assert result.startswith("Saved"), result
+    saved = read_metadata(host.output_dir() / f"browser_{method}.safetensors")
+    assert {key: saved.get(key) for key in metadata} == metadata
