@@ -24,7 +24,14 @@ def check_can_write(folder, option: str) -> None:
     from pathlib import Path
 
     folder = Path(folder)
-    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+
+    def cannot_write(error: OSError) -> LorakitError:
+        return LorakitError(f"{option} {folder}: cannot write there ({(error.strerror or str(error)).lower()})")
+
+    try:  # exists() raises where a parent cannot be searched, which is itself a folder one cannot write into
+        existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    except OSError as error:
+        raise cannot_write(error) from None
     if not existing.is_dir():
         what = "a file" if existing == folder.absolute() else f"{existing} is a file"
         raise LorakitError(f"{option} {folder}: {what}, not a folder")
@@ -32,4 +39,4 @@ def check_can_write(folder, option: str) -> None:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".lorakit-check-"):
             pass
     except OSError as error:
-        raise LorakitError(f"{option} {folder}: cannot write there ({(error.strerror or str(error)).lower()})") from None
+        raise cannot_write(error) from None

@@ -203,6 +203,9 @@ def test_slider_routes_take_the_methods_own_options(client):
     assert source == {"file": kept.name, "sshs_model_hash": load_network(kept).metadata["sshs_model_hash"]}
     response = http.post("/lorakit/v1/difference", json={**pairs, "reuse_a": "nope"})
     assert response.status_code == 400 and response.json()["error"] == "reuse_a: nope does not exist"
+    response = http.post("/lorakit/v1/copier", json={**pairs, "output_name": "first_a", "reuse_a": "first_a"})
+    assert response.status_code == 400  # the save would replace the A the slider was trained over
+    assert response.json()["error"] == "reuse_a: first_a.safetensors is the slider's own file; give the slider another name"
     response = http.post("/lorakit/v1/copier", json={**pairs, "output_name": "same", "keep_a": "same"})
     assert response.status_code == 400 and response.json()["error"].startswith("keep_a: same.safetensors is the")
 

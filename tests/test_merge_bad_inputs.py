@@ -119,6 +119,9 @@ def test_save_to_in_a_missing_or_unwritable_folder_is_refused_up_front(capsys, f
     for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):
         message = "--save_to nowhere/l.safetensors: folder nowhere does not exist"
         assert_refused(capsys, folder, [*argv, "--save_to", "nowhere/l.safetensors"], message)
+    (folder / "d.safetensors").mkdir()
+    for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):
+        assert_refused(capsys, folder, [*argv, "--save_to", "d.safetensors"], "--save_to d.safetensors: a folder, not a file")
     (folder / "ro").mkdir()
     deny_writes_in(folder / "ro")
     for argv in (MERGE, MERGE_INTO, EXTRACT, RESIZE):

@@ -101,9 +101,12 @@ def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_ru
          "error: --keep-a s.safetensors is the slider's own file (--out): give A another name"),
         (["--out", str(out), "--keep-a", str(tmp_path / "a.safetensors"), "--reuse-a", str(out)],
          "error: --keep-a: A is reused (--reuse-a), so there is no trained A to keep"),
+        (["--out", str(tmp_path / "a_link.safetensors"), "--reuse-a", str(pickle)],
+         "error: --reuse-a pickle.safetensors is the slider's own file (--out): write the slider to another file"),
         (["--out", str(out), "--reuse-a", str(tmp_path / "nope.safetensors")],
          f"error: --reuse-a {tmp_path / 'nope.safetensors'}: no such file"),
     ]
+    (tmp_path / "a_link.safetensors").symlink_to(pickle)
     folder = tmp_path / "a_folder.safetensors"
     folder.mkdir()
     cases.append((["--out", str(folder)], f"error: --out {folder}: a folder, not a file"))
@@ -114,7 +117,8 @@ def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_ru
                  str(pickle), "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"error: {pickle}") and "\n" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder.safetensors", "pairs", "pickle.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file", "a_folder.safetensors", "a_link.safetensors", "pairs", "pickle.safetensors"]
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(pairs, tmp_path, capsys,

@@ -29,9 +29,11 @@ def test_named_optimizers_build_with_group_lrs(name, cls):
     assert optimizer.param_groups[0]["lr"] == 0.5 and optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
-def test_unusable_optimizers_say_why():
-    with pytest.raises(LorakitError, match="optimizer_type came_pytorch.CAME needs the came_pytorch package"):
-        optim.optimizer_class("came_pytorch.CAME")
+def test_unusable_optimizers_say_why(monkeypatch):
+    with pytest.raises(LorakitError, match="optimizer_type came_pytorch.NoSuchClass needs the came_pytorch package"):
+        with monkeypatch.context() as patched:  # an allowed package that is not installed (whether it is or not)
+            patched.setattr(optim.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
+            optim.optimizer_class("came_pytorch.NoSuchClass")
     with pytest.raises(LorakitError, match="optimizer_type no_such_pkg.Opt: a dotted class must come from torch, "):
         optim.optimizer_class("no_such_pkg.Opt")
     with pytest.raises(LorakitError, match="is not a torch optimizer class"):

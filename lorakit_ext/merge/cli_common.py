@@ -81,6 +81,8 @@ def check_files(inputs: dict[str, list[str]], save_to: str) -> None:
         if missing:
             raise LorakitError(f"{flag}: no such file: {missing[0]}")
     safetensors_io.check_save_to(save_to, inputs)
+    if os.path.isdir(save_to):
+        raise LorakitError(f"--save_to {save_to}: a folder, not a file")
     folder = Path(save_to).parent
     if not folder.is_dir():
         raise LorakitError(f"--save_to {save_to}: folder {folder} does not exist")

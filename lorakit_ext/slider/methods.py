@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -120,8 +121,9 @@ def _phase(report: Reporter, name: str) -> Reporter:
 
 
 def check_files(out: str | Path, keep_a: str | Path | None = None, reuse_a: str | Path | None = None) -> None:
-    """Refuse output files that cannot be written and a LoRA A to reuse that cannot be read, before anything trains
-    (the methods, the CLI's ``--dry-run`` and the HTTP routes all check here)."""
+    """Refuse output files that cannot be written and a LoRA A to reuse that cannot be read or would be replaced,
+    before anything trains (the methods and the CLI's ``--dry-run`` check here; the HTTP routes check the same
+    under their own names before submitting)."""
     from lorakit_ext.formats.kohya import load_network
 
     out = Path(out)
@@ -130,12 +132,23 @@ def check_files(out: str | Path, keep_a: str | Path | None = None, reuse_a: str 
             _check_writable(flag, Path(path))
     if keep_a is not None and reuse_a is not None:
         raise LorakitError("--keep-a: A is reused (--reuse-a), so there is no trained A to keep")
-    if keep_a is not None and Path(keep_a).resolve() == out.resolve():
+    if keep_a is not None and _same_file(keep_a, out):
         raise LorakitError(f"--keep-a {Path(keep_a).name} is the slider's own file (--out): give A another name")
     if reuse_a is not None:
         if not Path(reuse_a).is_file():
             raise LorakitError(f"--reuse-a {reuse_a}: no such file")
+        if _same_file(reuse_a, out):  # the slider's save would replace the A it was trained over
+            raise LorakitError(f"--reuse-a {Path(reuse_a).name} is the slider's own file (--out): write the slider"
+                               " to another file")
         load_network(reuse_a)  # a readable LoRA: its architecture is checked when it is applied to the model
+
+
+def _same_file(first: str | Path, second: str | Path) -> bool:
+    """The same file by any spelling or link (files that do not exist yet compare by their resolved paths)."""
+    first, second = Path(first), Path(second)
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
 
 
 def _check_writable(flag: str, path: Path) -> None:
@@ -328,7 +341,8 @@ def _earlier_saves(passes, out: Path) -> list[tuple[Path, list[Path]]]:
         for path in done.files:
             if path != done.output and path.is_file():
                 by_suffix.setdefault(path.name[len(done.output.stem):], []).append(path)
-    return [(out.with_name(out.stem + suffix), paths) for suffix, paths in by_suffix.items() if len(paths) == len(passes)]
+    every = [(suffix, paths) for suffix, paths in by_suffix.items() if len(paths) == len(passes)]
+    return [(out.with_name(out.stem + suffix), paths) for suffix, paths in every]
 
 
 def _progress_fields(weights) -> dict[str, str]:

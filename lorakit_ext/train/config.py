@@ -385,7 +385,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         return str(value)
     # a list literal too deep or unclosed raises SyntaxError / RecursionError / MemoryError in ast.literal_eval
     except (TypeError, ValueError, OverflowError, SyntaxError, RecursionError, MemoryError):
-        raise LorakitError(f"{source}: {name} = {_shown(value)} is not a valid {getattr(kind, '__name__', kind)}") from None
+        kind_name = getattr(kind, "__name__", kind)
+        raise LorakitError(f"{source}: {name} = {_shown(value)} is not a valid {kind_name}") from None
 
 
 def _shown(value: Any, limit: int = 60) -> str:

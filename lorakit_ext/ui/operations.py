@@ -328,6 +328,8 @@ def slider_operation(method: str, values: dict[str, Any], host: Host) -> Operati
     # LoRA A: reused from the Lora list (a name or a file), or kept beside the output under a name of its own
     if "reuse_a" in own:
         own["reuse_a"] = resolve_network(own["reuse_a"], host.list_networks(), "reuse_a")
+        if own["reuse_a"].resolve() == out.resolve():  # the slider's save would replace the A it was trained over
+            raise LorakitError(f"reuse_a: {out.name} is the slider's own file; give the slider another name")
     if "keep_a" in own:
         own["keep_a"] = paths.output_path(host.lora_root(), own["keep_a"], folder, "keep_a")
         if own["keep_a"] == out:

@@ -6,12 +6,13 @@ Pure functions over paths, so the tabs, the HTTP API and their tests apply the s
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 from lorakit_ext.errors import LorakitError
 
 NETWORK_SUFFIX = ".safetensors"
-_UNSAFE = re.compile(r"[^\w. -]+")  # letters and digits of any script stay: names are often not English
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]+')  # separators and what Windows refuses; any script's letters stay
 MAX_NAME_BYTES = 200  # of UTF-8, under the 255 most file systems allow, leaving room for "-000004.safetensors"
 
 
@@ -20,7 +21,7 @@ def sanitize_name(name: str, option: str = "output_name") -> str:
     or digit left, or too long, is refused rather than cut or blanked, since two such names would share one file."""
     if not isinstance(name, str):
         raise LorakitError(f"{option}: expected a name, got {name!r}")
-    stem = name.strip()
+    stem = unicodedata.normalize("NFC", name).strip()  # "café" typed as e + combining accent is the same file
     if stem.lower().endswith(NETWORK_SUFFIX):
         stem = stem[: -len(NETWORK_SUFFIX)]
     stem = _UNSAFE.sub("_", stem).strip(" .")
