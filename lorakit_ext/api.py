@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, clipped
 from lorakit_ext.ui import operations
 from lorakit_ext.ui.jobs import Busy, JobManager, UnknownJob
 
@@ -74,7 +74,7 @@ def query_flag(name: str, value: str) -> bool:
         return True
     if value.lower() in ("false", "0", "no"):
         return False
-    raise LorakitError(f"{name}: expected true or false, got {operations.clipped(repr(value))}")
+    raise LorakitError(f"{name}: expected true or false, got {clipped(repr(value))}")
 
 
 def parse_credentials(api_auth: str) -> dict[str, str]:
@@ -120,7 +120,7 @@ def build_router(manager: JobManager, credentials: dict[str, str] | None = None)
         try:
             return manager.get(job_id)
         except UnknownJob:
-            raise UnknownJob(f"no job {operations.clipped(job_id)}") from None
+            raise UnknownJob(f"no job {clipped(job_id)}") from None
 
     slider_body = ("a, b (folders of A and B images), output_name, output_dir, masked, report, the method's own "
                    "options and training options (kohya names)")

@@ -53,7 +53,7 @@ def test_strings_from_cli_and_ui_are_coerced():
         ({"cache_latents": 5}, "cache_latents = 5 is not a valid bool"),
         ({"output_name": ["x"]}, "output_name = ['x'] is not a valid str"),
         ({"network_args": "["}, "network_args = '[' is not a valid list"),
-        ({"network_args": "[" * 100000}, "network_args = '" + "[" * 56 + "... is not a valid list"),
+        ({"network_args": "[" * 100000}, "network_args = '" + "[" * 39 + "... is not a valid list"),
     ],
 )
 def test_bad_values_are_refused_by_name(values, message):

@@ -84,7 +84,7 @@ def merge_into_checkpoint(
     and so is every other floating tensor when ``save_dtype`` is given; everything else is copied unchanged. The
     checkpoint's metadata is kept but for its hashes, which described the input's bytes; ``lorakit_merged_into``
     names the input with its hash, ``lorakit_merged_loras`` each network with its ratio and hash. ``save_to`` must
-    be none of the inputs (checked here, as the WebUI's merge-into comes here without the CLI's checks).
+    be none of the inputs (checked here too: a caller that resolved its own paths may not have).
     """
     inputs = {"--checkpoint": [checkpoint], "--models": [network.source for network in networks if network.source]}
     safetensors_io.check_save_to(save_to, inputs)

@@ -79,12 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lorakit_ext.errors import LorakitError
+    from lorakit_ext.errors import LorakitError, writable_folder
     from lorakit_ext.models.ldm import LdmAdapter
     from lorakit_ext.slider.methods import run_method
     from lorakit_ext.slider.report import SweepSettings, report_paths
     from lorakit_ext.toy.config import NUM_TIMESTEPS
-    from lorakit_ext.toy.export import writable_folder
     from lorakit_ext.toy.model import load_toy_model
 
     # everything the run could refuse, before the pairs are written and minutes of training begin

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit_ext.errors import LorakitError, check_can_write
+from lorakit_ext.errors import LorakitError, writable_folder
 from lorakit_ext.formats.safetensors_io import write_atomic
 from lorakit_ext.toy.model import CHECKPOINT_NAME, CHECKPOINT_PATH, CONFIG_PATH, read_config
 
@@ -27,13 +27,3 @@ def export_checkpoint(to_dir: Path, name: str = CHECKPOINT_NAME) -> Path:
         write_atomic(target, iter(lambda: source.read(1 << 20), b""))
     write_atomic(target.with_suffix(".yaml"), [config.encode()])
     return target
-
-
-def writable_folder(folder: Path, option: str) -> Path:
-    """Create ``folder`` (and its parents) for a verb's output, or refuse in one line before any slow work."""
-    check_can_write(folder, option)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # what the check cannot see: a race
-        raise LorakitError(f"{option} {folder}: cannot create it ({error.strerror})") from None
-    return folder

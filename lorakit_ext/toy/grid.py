@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lorakit_ext import sampling
+    from lorakit_ext.errors import writable_folder
     from lorakit_ext.formats.safetensors_io import write_atomic
     from lorakit_ext.models.ldm import LdmAdapter
-    from lorakit_ext.toy.export import writable_folder
     from lorakit_ext.toy.model import TOY_IMAGE_SIZE, load_toy_model
 
     check_numbers(args)

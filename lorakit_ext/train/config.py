@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
-from lorakit_ext.errors import LorakitError, check_can_write, check_option
+from lorakit_ext.errors import LorakitError, check_can_write, check_option, clipped
 from lorakit_ext.train.kohya_keys import network_args_dict
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy")  # or any optimizer class by dotted name
@@ -386,13 +386,7 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
     # a list literal too deep or unclosed raises SyntaxError / RecursionError / MemoryError in ast.literal_eval
     except (TypeError, ValueError, OverflowError, SyntaxError, RecursionError, MemoryError):
         kind_name = getattr(kind, "__name__", kind)
-        raise LorakitError(f"{source}: {name} = {_shown(value)} is not a valid {kind_name}") from None
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut for a one-line message (a request may send megabytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        raise LorakitError(f"{source}: {name} = {clipped(repr(value))} is not a valid {kind_name}") from None
 
 
 def _resolution(value: Any) -> tuple[int, int]:

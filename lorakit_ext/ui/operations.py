@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, clipped
 from lorakit_ext.formats.safetensors_io import check_save_to, file_sha256, lora_short_hash, write_atomic
 from lorakit_ext.train.config import TrainConfig, unwrap_optional
 from lorakit_ext.ui import paths
@@ -29,11 +29,6 @@ SLIDER_METHODS = ("copier", "difference", "paired")
 
 
 # --- checking values -----------------------------------------------------------------------------------------------
-
-
-def clipped(text: str, limit: int = 40) -> str:
-    """``text`` cut to ``limit`` characters: an error line names what was given, it does not echo a request."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def checked(name: str, value: Any, hint: Any) -> Any:
@@ -180,8 +175,6 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
         if checkpoint is None:
             raise LorakitError("merge_into: no checkpoint is loaded")
         save_to = host.checkpoint_output_dir() / f"{paths.sanitize_name(request.output_name)}.safetensors"
-        if save_to.resolve() == checkpoint.resolve():
-            raise LorakitError("output_name: refusing to overwrite the loaded checkpoint")
     else:
         save_to = paths.output_path(host.lora_root(), request.output_name, request.output_dir or host.output_dir())
     base = tuned = None
@@ -191,7 +184,9 @@ def merge_operation(request: MergeRequest, host: Host) -> Operation:
 
             rule = rank_rule(DEFAULT_DIM, request.new_conv_rank, None)
         base, tuned = paths.existing_file(request.base, "base"), paths.existing_file(request.tuned, "tuned")
-    check_save_to(save_to, {"models": models, "base": [base] if base else [], "tuned": [tuned] if tuned else []})
+    inputs = {"models": models, "base": [base] if base else [], "tuned": [tuned] if tuned else [],
+              "the loaded checkpoint": [checkpoint] if request.mode == "merge_into" else []}
+    check_save_to(save_to, inputs)
     from lorakit_ext.merge.cli_common import bytes_per_value
 
     dtype = SAVE_DTYPES[request.save_precision]

@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit_ext.toy.export import writable_folder
+    from lorakit_ext.errors import writable_folder
 
     # what gradio's launch or the first job would fail on, refused before gradio starts and before any folder is made
     if not 1 <= args.port <= MAX_PORT:
