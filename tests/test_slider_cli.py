@@ -92,7 +92,8 @@ def test_output_and_lora_a_files_that_cannot_work_are_refused_before_anything_ru
     pickle.write_bytes(b"\x80\x04K\x01.")
     out = tmp_path / "s.safetensors"
     cases = [
-        (["--out", str(tmp_path / "s.txt")], f"error: --out {tmp_path / 's.txt'}: the file must end in .safetensors"),
+        (["--out", str(tmp_path / "s.txt")],
+         f"error: --out {tmp_path / 's.txt'}: must end in .safetensors (the only format written)"),
         (["--out", str(blocker / "s.safetensors")],
          f"error: --out {blocker / 's.safetensors'}: folder {blocker} does not exist"),
         (["--out", str(out), "--keep-a", str(out)],

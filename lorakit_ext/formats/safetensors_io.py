@@ -32,7 +32,7 @@ from typing import BinaryIO
 import safetensors.torch
 import torch
 
-from lorakit_ext.errors import LorakitError
+from lorakit_ext.errors import LorakitError, check_can_write
 
 PathLike = str | os.PathLike
 # Files that can only be read through torch.load (always weights_only=True: we never unpickle code).
@@ -295,17 +295,33 @@ def _update_digest(digest, buffers: Iterable[memoryview]) -> None:
         digest.update(buffer)
 
 
-def check_save_to(save_to: PathLike, inputs: Mapping[str, Iterable[PathLike]]) -> None:
+def check_save_to(
+    save_to: PathLike, inputs: Mapping[str, Iterable[PathLike]] | None = None, option: str = "--save_to"
+) -> None:
     """Refuse, before any work, an output that is not ``.safetensors`` (the only format written: under a ``.pt``
-    name no loader, ours included, would read it) or that is one of ``inputs`` (option -> paths; the same file by
-    any spelling or link), which the atomic write would replace, losing it."""
+    name no loader, ours included, would read it) or that is one of ``inputs`` (their name -> paths; the same file by
+    any spelling or link), which the atomic write would replace, losing it. ``option`` names the output."""
     if Path(save_to).suffix.lower() != SAFETENSORS_SUFFIX:
-        raise LorakitError(f"--save_to {save_to}: must end in {SAFETENSORS_SUFFIX} (the only format written)")
+        raise LorakitError(f"{option} {save_to}: must end in {SAFETENSORS_SUFFIX} (the only format written)")
     if not os.path.exists(save_to):
         return
-    for option, paths in inputs.items():
+    for name, paths in (inputs or {}).items():
         if any(os.path.exists(path) and os.path.samefile(save_to, path) for path in paths):
-            raise LorakitError(f"--save_to {save_to} is one of the inputs ({option}); write to another file")
+            raise LorakitError(f"{option} {save_to} is one of the inputs ({name}); write to another file")
+
+
+def check_output_file(
+    path: PathLike, option: str = "--save_to", inputs: Mapping[str, Iterable[PathLike]] | None = None
+) -> None:
+    """``check_save_to``, and the file's folder exists and can be written, and the file is no folder: all a save
+    needs, checked before the work that leads to it."""
+    check_save_to(path, inputs, option)
+    if os.path.isdir(path):
+        raise LorakitError(f"{option} {path}: a folder, not a file")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise LorakitError(f"{option} {path}: folder {folder} does not exist")
+    check_can_write(folder, option)
 
 
 def save_tensors_atomic(

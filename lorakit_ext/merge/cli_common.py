@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit_ext.errors import LorakitError, check_can_write
+from lorakit_ext.errors import LorakitError
 from lorakit_ext.formats import safetensors_io
 from lorakit_ext.formats.kohya import load_network, save_network
 from lorakit_ext.merge.algebra import check_finite_ratios
@@ -80,13 +80,7 @@ def check_files(inputs: dict[str, list[str]], save_to: str) -> None:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise LorakitError(f"{flag}: no such file: {missing[0]}")
-    safetensors_io.check_save_to(save_to, inputs)
-    if os.path.isdir(save_to):
-        raise LorakitError(f"--save_to {save_to}: a folder, not a file")
-    folder = Path(save_to).parent
-    if not folder.is_dir():
-        raise LorakitError(f"--save_to {save_to}: folder {folder} does not exist")
-    check_can_write(folder, "--save_to")
+    safetensors_io.check_output_file(save_to, "--save_to", inputs)
 
 
 def check_device(device: str) -> torch.device:

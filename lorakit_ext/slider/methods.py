@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit_ext.errors import LorakitError, check_can_write
+from lorakit_ext.errors import LorakitError
 from lorakit_ext.slider.pairs import PairSet, resized, write_dataset
 
 # The established slider recipe; a TOML file and command-line options override any of it.
@@ -125,11 +125,12 @@ def check_files(out: str | Path, keep_a: str | Path | None = None, reuse_a: str 
     before anything trains (the methods and the CLI's ``--dry-run`` check here; the HTTP routes check the same
     under their own names before submitting)."""
     from lorakit_ext.formats.kohya import load_network
+    from lorakit_ext.formats.safetensors_io import check_output_file
 
     out = Path(out)
     for flag, path in (("--out", out), ("--keep-a", keep_a)):
         if path is not None:
-            _check_writable(flag, Path(path))
+            check_output_file(path, flag)
     if keep_a is not None and reuse_a is not None:
         raise LorakitError("--keep-a: A is reused (--reuse-a), so there is no trained A to keep")
     if keep_a is not None and _same_file(keep_a, out):
@@ -149,16 +150,6 @@ def _same_file(first: str | Path, second: str | Path) -> bool:
     if first.exists() and second.exists():
         return os.path.samefile(first, second)
     return first.resolve() == second.resolve()
-
-
-def _check_writable(flag: str, path: Path) -> None:
-    if path.suffix != ".safetensors":
-        raise LorakitError(f"{flag} {path}: the file must end in .safetensors")
-    if path.is_dir():
-        raise LorakitError(f"{flag} {path}: a folder, not a file")
-    if not path.parent.is_dir():
-        raise LorakitError(f"{flag} {path}: folder {path.parent} does not exist")
-    check_can_write(path.parent, flag)
 
 
 def copy_similarity(adapter, weights, pair_set: PairSet, seeds: list[int], config) -> float:
