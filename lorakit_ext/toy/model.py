@@ -50,12 +50,12 @@ class _TextModelFromConfig:
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """An untrained ``LatentDiffusion`` from an ldm config dict (``{"model": {"target", "params"}}``), on CPU."""
-    # ldm prints a line per block it builds, and importing it warns of a pytorch_lightning deprecation that is
-    # ldm's, not the user's: neither should be the first thing a command shows
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        import pytorch_lightning  # noqa: F401  (it installs warning filters on import; this one must come after)
+    import pytorch_lightning  # noqa: F401  (it installs warning filters on import; the one below must come after)
 
-        warnings.filterwarnings("ignore", message=r".*pytorch_lightning\.utilities\.distributed\.rank_zero_only")
+    # importing ldm's model warns of a pytorch_lightning deprecation that is ldm's, not the user's: it should not be
+    # the first thing a command shows (a lasting filter for that one message: catch_warnings is not thread-safe)
+    warnings.filterwarnings("ignore", message=r".*pytorch_lightning\.utilities\.distributed\.rank_zero_only")
+    with contextlib.redirect_stdout(io.StringIO()):  # ldm prints a line per block it builds
         import ldm.modules.encoders.modules as ldm_encoders
         from ldm.util import instantiate_from_config
 
