@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,3 +22,29 @@ def deny_writes_in(monkeypatch):
 
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", named_temporary_file)
     return lambda folder: denied.add(Path(folder).absolute())
+
+
+@pytest.fixture
+def unwritable_outputs(tmp_path, deny_writes_in):
+    """Output folders lorakit's write check refuses, as ``refusals(child)``: {folder: the problem it names} for a
+    file, a path under the file, a read-only folder and a path under it; ``untouched()`` says nothing was written
+    to any of them or beside them in ``tmp_path``."""
+    occupied = tmp_path / "good.safetensors"
+    occupied.write_bytes(b"x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    deny_writes_in(read_only)
+
+    def refusals(child: str) -> dict[Path, str]:
+        return {
+            occupied: "a file, not a folder",
+            occupied / child: f"{occupied} is a file, not a folder",
+            read_only: "cannot write there (permission denied)",
+            read_only / child: "cannot write there (permission denied)",
+        }
+
+    def untouched() -> bool:
+        return occupied.read_bytes() == b"x" and not any(read_only.iterdir()) and sorted(tmp_path.iterdir()) == [
+            occupied, read_only]
+
+    return SimpleNamespace(refusals=refusals, untouched=untouched)

@@ -63,23 +63,11 @@ def test_demo_refuses_a_zero_setting(tmp_path, capsys):
 QUICK = ["--steps", "1", "--seeds", "1", "--sample-steps", "1", "--verify-seeds", "1"]
 
 
-def test_demo_refuses_an_out_folder_it_cannot_write_before_training(tmp_path, capsys, deny_writes_in):
-    occupied = tmp_path / "good.safetensors"
-    occupied.write_bytes(b"x")
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    deny_writes_in(read_only)
-    refusals = {
-        occupied: "a file, not a folder",
-        occupied / "demo": f"{occupied} is a file, not a folder",
-        read_only: "cannot write there (permission denied)",
-        read_only / "demo": "cannot write there (permission denied)",
-    }
-    for folder, problem in refusals.items():
+def test_demo_refuses_an_out_folder_it_cannot_write_before_training(capsys, unwritable_outputs):
+    for folder, problem in unwritable_outputs.refusals("demo").items():
         assert main(["demo", "--out", str(folder), *QUICK]) == 2
         assert capsys.readouterr().err.strip() == f"error: --out {folder}: {problem}"
-    assert occupied.read_bytes() == b"x" and list(read_only.iterdir()) == []
-    assert sorted(tmp_path.iterdir()) == [occupied, read_only]
+    assert unwritable_outputs.untouched()
 
 
 def test_demo_refuses_sample_steps_the_sampler_cannot_take_before_training(tmp_path, capsys):

@@ -53,25 +53,13 @@ def test_grid_takes_prompts_and_seeds(tmp_path):
     assert main(["toy", "grid", "--out", str(tmp_path), "--seeds", "0"]) == 2
 
 
-def test_export_and_grid_refuse_an_out_folder_they_cannot_write(tmp_path, capsys, deny_writes_in):
-    occupied = tmp_path / "good.safetensors"
-    occupied.write_bytes(b"x")
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    deny_writes_in(read_only)
-    refusals = {
-        occupied: "a file, not a folder",
-        occupied / "sub": f"{occupied} is a file, not a folder",
-        read_only: "cannot write there (permission denied)",
-        read_only / "sub": "cannot write there (permission denied)",
-    }
-    for folder, problem in refusals.items():
+def test_export_and_grid_refuse_an_out_folder_they_cannot_write(capsys, unwritable_outputs):
+    for folder, problem in unwritable_outputs.refusals("sub").items():
         assert main(["toy", "grid", "--out", str(folder), "--seeds", "1", "--steps", "2"]) == 2
         assert capsys.readouterr().err.strip() == f"error: --out {folder}: {problem}"
         assert main(["toy", "export", "--to", str(folder)]) == 2
         assert capsys.readouterr().err.strip() == f"error: --to {folder}: {problem}"
-    assert occupied.read_bytes() == b"x" and list(read_only.iterdir()) == []
-    assert sorted(tmp_path.iterdir()) == [occupied, read_only]
+    assert unwritable_outputs.untouched()
 
 
 @pytest.mark.parametrize(
