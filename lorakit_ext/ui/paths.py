@@ -10,8 +10,8 @@ import unicodedata
 from pathlib import Path
 
 from lorakit_ext.errors import LorakitError
+from lorakit_ext.formats.safetensors_io import SAFETENSORS_SUFFIX
 
-NETWORK_SUFFIX = ".safetensors"
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]+')  # separators and what Windows refuses; any script's letters stay
 MAX_NAME_BYTES = 200  # of UTF-8, under the 255 most file systems allow, leaving room for "-000004.safetensors"
 
@@ -22,8 +22,8 @@ def sanitize_name(name: str, option: str = "output_name") -> str:
     if not isinstance(name, str):
         raise LorakitError(f"{option}: expected a name, got {name!r}")
     stem = unicodedata.normalize("NFC", name).strip()  # "café" typed as e + combining accent is the same file
-    if stem.lower().endswith(NETWORK_SUFFIX):
-        stem = stem[: -len(NETWORK_SUFFIX)]
+    if stem.lower().endswith(SAFETENSORS_SUFFIX):
+        stem = stem[: -len(SAFETENSORS_SUFFIX)]
     stem = _UNSAFE.sub("_", stem).strip(" .")
     if not re.search(r"[^\W_]", stem):
         raise LorakitError(f"{option}: {name!r} is not a usable file name (no letter or digit)")
@@ -38,7 +38,7 @@ def output_path(root: Path, name: str, folder: str | Path = "", option: str = "o
     target_dir = (root / folder).resolve() if folder else root
     if target_dir != root and root not in target_dir.parents:
         raise LorakitError(f"output_dir: {folder} is outside the Lora folder {root}")
-    return target_dir / f"{sanitize_name(name, option)}{NETWORK_SUFFIX}"
+    return target_dir / f"{sanitize_name(name, option)}{SAFETENSORS_SUFFIX}"
 
 
 def output_dir(root: Path, folder: str | Path, option: str = "output_dir") -> Path:
